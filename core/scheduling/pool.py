@@ -1,0 +1,486 @@
+"""Workers, tickets and dispatch for the gateway queue (DESIGN §4).
+
+One FIFO of tickets, one session per worker. ``submit`` takes a ticket (or raises ``QueueFull``); the
+waiter hears its queue status on every change and when one is due — pushed to a ``sink`` callback set
+with ``watch`` (no task wake-up per client: thousands wait at once), or pulled with ``wait_update`` —
+and ``wait_assigned`` returns once the ticket holds a ``Lease``; the lease is released exactly once,
+whatever way the session ends, and the worker goes to the next ticket at once. Everything runs on one asyncio loop; nothing here does I/O. Time comes
+from an injectable clock, and timeouts and periodic updates advance only through ``tick()``, so tests can
+drive the whole queue with a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from core.scheduling.eta import DurationModel, WorkerLoad, ticket_etas
+
+log = logging.getLogger("gateway.pool")
+
+#: How a lease ended. Only sessions that ran their course feed the duration averages.
+Outcome = Literal["completed", "client_left", "worker_lost", "refused", "error"]
+OBSERVED_OUTCOMES: frozenset[str] = frozenset({"completed", "client_left"})
+TicketState = Literal["waiting", "assigned", "cancelled", "expired"]
+#: Worker /health states in which it can serve (busy/paused only while it serves our own lease).
+SERVING_STATES = frozenset({"idle", "busy", "paused"})
+#: A worker reporting busy this soon after we released it is still tearing down our session.
+TEARDOWN_GRACE_S = 2.0
+#: Health failures in a row (timeouts, odd answers) before a worker is taken out; a refused connection
+#: takes it out at once.
+MAX_HEALTH_FAILURES = 3
+#: An ETA counts as changed when the predicted start moves by more than this (absolute, relative).
+ETA_CHANGE_S, ETA_CHANGE_FRACTION = 0.1, 0.05
+
+
+class PoolError(Exception):
+    """Base of the queue's own errors."""
+
+
+class QueueFull(PoolError):
+    """The queue holds ``max_queue_size`` tickets; ``retry_after_s`` is when a place should free."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"the queue is full; retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class QueueTimeout(PoolError):
+    """The ticket waited longer than ``request_timeout``."""
+
+
+class TicketCancelled(PoolError):
+    """The ticket was withdrawn (its client left)."""
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """What a waiting client is told: ``first`` selects ``session.queued`` over ``session.queue_update``."""
+
+    position: int
+    eta_s: float
+    queue_length: int
+    first: bool
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker process as the gateway sees it."""
+
+    index: int
+    address: str
+    healthy: bool = False
+    status: str = "unknown"  # the last /health status, or "down" / "busy_external"
+    lease: Lease | None = None
+    restarts: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    sessions: int = 0
+    last_used: float = -math.inf
+
+    @property
+    def available(self) -> bool:
+        """Healthy and not serving a ticket."""
+        return self.healthy and self.lease is None
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request waiting for (or holding) a worker."""
+
+    id: str
+    kind: str
+    enqueued_at: float
+    state: TicketState = "waiting"
+    lease: Lease | None = None
+    position: int = 0
+    eta_s: float = 0.0
+    attempts: int = 0  # times it was handed back by a worker that refused it
+    assigned_at: float | None = None
+    dispatch_seq: int = 0  # gateway-wide dispatch order, 1-based
+    sent: tuple[int, float, float] | None = None  # (position, eta_s, at) last delivered to the client
+    due: bool = False
+    sink: Callable[[QueueStatus], None] | None = None  # pushes statuses; set with ``Pool.watch``
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds between submit and assignment (0 until assigned)."""
+        return 0.0 if self.assigned_at is None else max(0.0, self.assigned_at - self.enqueued_at)
+
+
+class Lease:
+    """A ticket's hold on a worker; ``release`` frees the worker exactly once."""
+
+    def __init__(self, pool: Pool, ticket: Ticket, worker: Worker, started_at: float) -> None:
+        self.pool, self.ticket, self.worker, self.started_at = pool, ticket, worker, started_at
+        self.lost = asyncio.Event()  # set when the worker is taken out of the pool mid-session
+        self.outcome: Outcome | None = None
+        self.paused = False
+
+    @property
+    def released(self) -> bool:
+        """Whether ``release`` already ran."""
+        return self.outcome is not None
+
+    def release(self, outcome: Outcome) -> bool:
+        """Free the worker; True the first time, False (and nothing happens) after that."""
+        return self.pool._release(self, outcome)
+
+
+class PoolListener:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_dispatch(self, ticket: Ticket) -> None:
+        """A ticket got a worker."""
+
+    def on_release(self, lease: Lease, outcome: Outcome, duration_s: float) -> None:
+        """A lease ended."""
+
+    def on_reject(self, reason: str) -> None:
+        """A ticket was refused (``queue_full``) or ended without a worker (``queue_timeout``, ``cancelled``)."""
+
+
+class Pool:
+    """The gateway's workers and FIFO queue."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        durations: DurationModel,
+        *,
+        max_queue_size: int = 1000,
+        request_timeout: float = 300.0,
+        update_interval_s: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+        listener: PoolListener | None = None,
+    ) -> None:
+        self.workers = [Worker(index=i, address=a) for i, a in enumerate(addresses)]
+        self.durations = durations
+        self.max_queue_size = max_queue_size
+        self.request_timeout = request_timeout
+        self.update_interval_s = update_interval_s
+        self.clock = clock
+        self.listener = listener or PoolListener()
+        self._waiting: OrderedDict[str, Ticket] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._dispatched = 0
+        self._refresh_pending = False
+
+    # ------------------------------------------------------------------ tickets
+
+    @property
+    def queue_length(self) -> int:
+        """Tickets waiting for a worker."""
+        return len(self._waiting)
+
+    def waiting(self) -> list[Ticket]:
+        """The waiting tickets in queue order."""
+        return list(self._waiting.values())
+
+    def is_full(self) -> bool:
+        """Whether ``submit`` would raise ``QueueFull``."""
+        return len(self._waiting) >= self.max_queue_size
+
+    def submit(self, kind: str) -> Ticket:
+        """Queue a request of ``kind``; it is assigned at once when a worker is free and nobody waits."""
+        if self.is_full():
+            self.listener.on_reject("queue_full")
+            raise QueueFull(self.retry_after_s())
+        ticket = Ticket(id=f"t{next(self._ids)}", kind=kind, enqueued_at=self.clock())
+        self._waiting[ticket.id] = ticket
+        self._dispatch()
+        self.changed()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client left: drop a waiting ticket at once, or release its lease. Idempotent."""
+        if ticket.state == "waiting":
+            self._waiting.pop(ticket.id, None)
+            ticket.state = "cancelled"
+            ticket.event.set()
+            self.listener.on_reject("cancelled")
+            self.changed()
+        elif ticket.state == "assigned" and ticket.lease is not None:
+            ticket.lease.release("client_left")
+
+    def requeue(self, ticket: Ticket) -> None:
+        """Put an assigned ticket whose worker refused it back at the head of the queue (its lease released)."""
+        if ticket.lease is not None and not ticket.lease.released:
+            ticket.lease.release("refused")
+        ticket.state, ticket.lease, ticket.assigned_at = "waiting", None, None
+        ticket.attempts += 1
+        ticket.event.clear()
+        self._waiting[ticket.id] = ticket
+        self._waiting.move_to_end(ticket.id, last=False)
+        self._dispatch()
+        self.changed()
+
+    def watch(self, ticket: Ticket, sink: Callable[[QueueStatus], None]) -> None:
+        """Push this ticket's statuses to ``sink`` from now on (called synchronously; must not block)."""
+        ticket.sink = sink
+        if ticket.due:
+            ticket.due = False
+            self._deliver(ticket)
+
+    def _deliver(self, ticket: Ticket) -> None:
+        """Hand a due status to the ticket's sink, or wake its ``wait_update``."""
+        if ticket.sink is None:
+            ticket.due = True
+            ticket.event.set()
+            return
+        first = ticket.sent is None
+        ticket.sent = (ticket.position, ticket.eta_s, self.clock())
+        try:
+            ticket.sink(QueueStatus(ticket.position, ticket.eta_s, len(self._waiting), first))
+        except Exception:  # one broken client must not stop the others' updates
+            log.exception("queue status sink failed for %s", ticket.id)
+
+    async def wait_assigned(self, ticket: Ticket) -> Lease:
+        """Wait until the ticket holds a lease; raise ``QueueTimeout`` or ``TicketCancelled`` if it never will."""
+        while True:
+            if ticket.state == "assigned" and ticket.lease is not None:
+                return ticket.lease
+            if ticket.state == "expired":
+                raise QueueTimeout(f"no worker within {self.request_timeout:g} s")
+            if ticket.state == "cancelled":
+                raise TicketCancelled("the ticket was cancelled")
+            ticket.event.clear()
+            await ticket.event.wait()
+
+    async def wait_update(self, ticket: Ticket) -> QueueStatus | None:
+        """The next status to tell the client, or None once the ticket holds a lease.
+
+        Raises ``QueueTimeout`` or ``TicketCancelled`` when the ticket ends without a worker.
+        """
+        while True:
+            if ticket.state == "assigned":
+                return None
+            if ticket.state == "expired":
+                raise QueueTimeout(f"no worker within {self.request_timeout:g} s")
+            if ticket.state == "cancelled":
+                raise TicketCancelled("the ticket was cancelled")
+            if ticket.due:
+                ticket.due = False
+                first = ticket.sent is None
+                ticket.sent = (ticket.position, ticket.eta_s, self.clock())
+                return QueueStatus(ticket.position, ticket.eta_s, len(self._waiting), first)
+            ticket.event.clear()
+            await ticket.event.wait()
+
+    def tick(self, slack_s: float = 0.0) -> None:
+        """Expire tickets past ``request_timeout`` and mark updates due (every ``update_interval_s``).
+
+        ``slack_s`` is the caller's tick period: an update is marked due that much early, so that the gap
+        between two updates never exceeds the interval.
+        """
+        now = self.clock()
+        expired = [t for t in self._waiting.values() if now - t.enqueued_at >= self.request_timeout]
+        for ticket in expired:
+            del self._waiting[ticket.id]
+            ticket.state = "expired"
+            ticket.event.set()
+            self.listener.on_reject("queue_timeout")
+        limit = self.update_interval_s - slack_s
+        due = [
+            t for t in self._waiting.values() if t.sent is not None and not t.due and now - t.sent[2] >= limit
+        ]
+        if expired or due:
+            self.refresh()  # the due updates must carry fresh ETAs
+        for ticket in due:
+            # refresh() may have just sent it (or marked it due) on a change
+            if ticket.state == "waiting" and not ticket.due and ticket.sent and now - ticket.sent[2] >= limit:
+                self._deliver(ticket)
+
+    # ------------------------------------------------------------------ ETA
+
+    def _loads(self, now: float) -> list[WorkerLoad]:
+        loads = []
+        for w in self.workers:
+            if w.lease is None:
+                loads.append(WorkerLoad(w.healthy))
+            else:
+                expected = self.durations.expected(w.lease.ticket.kind)
+                loads.append(WorkerLoad(w.healthy, expected, now - w.lease.started_at))
+        return loads
+
+    def refresh(self) -> None:
+        """Recompute every waiting ticket's position and ETA; wake the ones whose client must hear of it."""
+        self._refresh_pending = False
+        now = self.clock()
+        tickets = list(self._waiting.values())
+        etas = ticket_etas(self._loads(now), [self.durations.expected(t.kind) for t in tickets])
+        for position, (ticket, eta) in enumerate(zip(tickets, etas, strict=True), start=1):
+            ticket.position, ticket.eta_s = position, eta
+            if ticket.due:
+                continue
+            sent = ticket.sent
+            if (
+                sent is None
+                or position != sent[0]
+                or abs((now + eta) - (sent[2] + sent[1])) > max(ETA_CHANGE_S, ETA_CHANGE_FRACTION * eta)
+            ):
+                self._deliver(ticket)
+
+    def retry_after_s(self) -> float:
+        """When a full queue should have room: the head ticket's ETA, in whole seconds, at least 1."""
+        head = next(iter(self._waiting.values()), None)
+        if head is None:
+            return 1.0
+        eta = ticket_etas(self._loads(self.clock()), [self.durations.expected(head.kind)])[0]
+        return float(min(3600, max(1, math.ceil(eta))))
+
+    def changed(self) -> None:
+        """Something moved (a worker, a ticket, the expected durations): refresh the ETAs soon, once."""
+        # Coalesce bursts (a release dispatches and changes every position at once) into one refresh.
+        if self._refresh_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.refresh()
+            return
+        self._refresh_pending = True
+        loop.call_soon(self.refresh)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _pick_worker(self) -> Worker | None:
+        free = [w for w in self.workers if w.available]
+        # Least recently used first spreads sessions (and wear) over the workers.
+        return min(free, key=lambda w: (w.last_used, w.index)) if free else None
+
+    def _dispatch(self) -> None:
+        while self._waiting:
+            worker = self._pick_worker()
+            if worker is None:
+                return
+            _, ticket = self._waiting.popitem(last=False)
+            now = self.clock()
+            lease = Lease(self, ticket, worker, now)
+            worker.lease = lease
+            worker.sessions += 1
+            self._dispatched += 1
+            ticket.state, ticket.lease, ticket.assigned_at = "assigned", lease, now
+            ticket.dispatch_seq = self._dispatched
+            ticket.event.set()
+            self.listener.on_dispatch(ticket)
+
+    def _release(self, lease: Lease, outcome: Outcome) -> bool:
+        if lease.outcome is not None:
+            return False
+        lease.outcome = outcome
+        now = self.clock()
+        worker = lease.worker
+        if worker.lease is lease:
+            worker.lease = None
+        worker.last_used = now
+        if worker.status in ("busy", "paused"):
+            worker.status = "idle"  # we ended its session; do not wait for the next health check to say so
+        duration = now - lease.started_at
+        if outcome in OBSERVED_OUTCOMES:
+            self.durations.observe(lease.ticket.kind, duration)
+        self.listener.on_release(lease, outcome, duration)
+        if outcome == "worker_lost":
+            self.mark_down(worker, "its session socket dropped")
+        self._dispatch()
+        self.changed()
+        return True
+
+    # ------------------------------------------------------------------ worker health
+
+    def mark_down(self, worker: Worker, reason: str) -> None:
+        """Take a worker out at once (connection refused, socket dropped); its session's lease is lost."""
+        if worker.healthy:
+            log.warning("worker %d (%s) out of the pool: %s", worker.index, worker.address, reason)
+        worker.healthy, worker.status, worker.last_error = False, "down", reason
+        if worker.lease is not None:
+            worker.lease.lost.set()
+        self.changed()
+
+    def note_health_failure(self, worker: Worker, reason: str) -> None:
+        """A health check failed without a refused connection; several in a row take the worker out."""
+        worker.failures += 1
+        worker.last_error = reason
+        if worker.failures >= MAX_HEALTH_FAILURES:
+            self.mark_down(worker, f"{worker.failures} failed health checks: {reason}")
+
+    def mark_health(self, worker: Worker, status: str, restarts: int | None = None) -> None:
+        """Apply a /health answer; a worker that can serve again rejoins the pool."""
+        worker.failures = 0
+        if restarts is not None:
+            worker.restarts = restarts
+        now = self.clock()
+        if (
+            status in ("busy", "paused")
+            and worker.lease is None
+            and now - worker.last_used > TEARDOWN_GRACE_S
+        ):
+            status = "busy_external"  # serving someone who bypassed the gateway: not ours to hand out
+        was = worker.healthy
+        worker.status = status
+        worker.healthy = status in SERVING_STATES
+        if worker.healthy and not was:
+            log.info("worker %d (%s) in the pool (%s)", worker.index, worker.address, status)
+            worker.last_error = None
+            self._dispatch()
+            self.changed()
+        elif was and not worker.healthy:
+            log.warning("worker %d (%s) cannot serve: %s", worker.index, worker.address, status)
+            self.changed()
+
+    def mark_refusing(self, worker: Worker, status: str) -> None:
+        """A worker refused a session we assigned (busy or not ready): out until /health says it can serve."""
+        worker.healthy, worker.status = False, status
+        self.changed()
+
+    # ------------------------------------------------------------------ views
+
+    def describe(self, *, max_tickets: int = 100) -> dict[str, Any]:
+        """JSON view for ``/api/queue`` and ``/health``."""
+        now = self.clock()
+        workers = []
+        for w in self.workers:
+            entry: dict[str, Any] = {
+                "index": w.index,
+                "address": w.address,
+                "state": ("paused" if w.lease.paused else "busy") if w.lease and w.healthy else w.status,
+                "healthy": w.healthy,
+                "busy": w.lease is not None,
+                "restarts": w.restarts,
+                "sessions": w.sessions,
+            }
+            if w.lease is not None:
+                entry.update(
+                    type=w.lease.ticket.kind,
+                    elapsed_s=round(now - w.lease.started_at, 3),
+                    expected_s=round(self.durations.expected(w.lease.ticket.kind), 3),
+                )
+            if w.last_error:
+                entry["last_error"] = w.last_error
+            workers.append(entry)
+        tickets = [
+            {
+                "position": t.position,
+                "type": t.kind,
+                "eta_s": round(t.eta_s, 3),
+                "waited_s": round(now - t.enqueued_at, 3),
+            }
+            for t in itertools.islice(self._waiting.values(), max_tickets)
+        ]
+        return {
+            "workers": workers,
+            "healthy": sum(w.healthy for w in self.workers),
+            "busy": sum(w.lease is not None for w in self.workers),
+            "queued": len(self._waiting),
+            "max_queue_size": self.max_queue_size,
+            "dispatched": self._dispatched,
+            "queue": tickets,
+        }

@@ -1,0 +1,393 @@
+"""The gateway queue with a fake clock: FIFO dispatch, one session per worker, release exactly once,
+cancel/timeout/full, health transitions, and queue updates on change and when due (DESIGN §4)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.scheduling.eta import DurationModel, EtaSettings
+from core.scheduling.pool import (
+    MAX_HEALTH_FAILURES,
+    TEARDOWN_GRACE_S,
+    Lease,
+    Pool,
+    PoolListener,
+    QueueFull,
+    QueueTimeout,
+    Ticket,
+    TicketCancelled,
+)
+
+BASE = {"chat": 10.0, "streaming": 20.0, "audio_duplex": 60.0, "transcribe": 5.0}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Recorder(PoolListener):
+    def __init__(self) -> None:
+        self.releases: list[tuple[str, str]] = []
+        self.leases: list[Lease] = []  # kept alive so that id() stays unique
+        self.rejects: list[str] = []
+
+    def on_release(self, lease: Lease, outcome: str, duration_s: float) -> None:  # type: ignore[override]
+        self.releases.append((lease.ticket.id, outcome))
+        self.leases.append(lease)
+
+    def on_reject(self, reason: str) -> None:
+        self.rejects.append(reason)
+
+
+def make_pool(
+    n_workers: int = 2,
+    *,
+    healthy: bool = True,
+    max_queue: int = 100,
+    timeout: float = 300.0,
+    min_samples: int = 3,
+) -> tuple[Pool, FakeClock, Recorder]:
+    clock, rec = FakeClock(), Recorder()
+    durations = DurationModel(EtaSettings(BASE, alpha=0.5, min_samples=min_samples))
+    pool = Pool(
+        [f"127.0.0.1:{22400 + i}" for i in range(n_workers)],
+        durations,
+        max_queue_size=max_queue,
+        request_timeout=timeout,
+        update_interval_s=3.0,
+        clock=clock,
+        listener=rec,
+    )
+    if healthy:
+        for w in pool.workers:
+            pool.mark_health(w, "idle")
+    return pool, clock, rec
+
+
+def check_invariants(pool: Pool) -> None:
+    leases = [w.lease for w in pool.workers if w.lease is not None]
+    for w in pool.workers:
+        if w.lease is not None:
+            assert w.lease.worker is w and not w.lease.released and w.lease.ticket.state == "assigned"
+    assert len({id(lease.ticket) for lease in leases}) == len(leases), "a ticket holds two workers"
+    assert all(t.state == "waiting" for t in pool.waiting())
+    if pool.queue_length:
+        assert not any(w.available for w in pool.workers), "a worker idles while tickets wait"
+
+
+def test_fifo_one_session_per_worker_and_next_ticket_on_release() -> None:
+    pool, clock, _ = make_pool(2)
+    tickets = [pool.submit("chat") for _ in range(5)]
+    assert [t.state for t in tickets] == ["assigned", "assigned", "waiting", "waiting", "waiting"]
+    first, second = tickets[0].lease, tickets[1].lease
+    assert first is not None and second is not None and first.worker is not second.worker
+    clock.advance(4)
+    assert second.release("completed")
+    third = tickets[2].lease
+    assert tickets[2].state == "assigned" and third is not None and third.worker is second.worker
+    assert tickets[2].waited_s == pytest.approx(4.0)
+    first.release("client_left")
+    third.release("completed")
+    assert [t.dispatch_seq for t in tickets] == [1, 2, 3, 4, 5]
+    check_invariants(pool)
+
+
+def test_release_happens_exactly_once() -> None:
+    pool, clock, rec = make_pool(1, min_samples=1)
+    a, b, c = pool.submit("chat"), pool.submit("chat"), pool.submit("chat")
+    assert a.lease is not None
+    clock.advance(2)
+    assert a.lease.release("completed") is True
+    assert a.lease.release("worker_lost") is False  # a late second report changes nothing
+    pool.cancel(a)  # and neither does the client leaving afterwards
+    assert rec.releases == [(a.id, "completed")]
+    assert pool.durations.samples("chat") == 1 and pool.durations.expected("chat") == 2.0
+    assert b.state == "assigned" and c.state == "waiting"  # exactly one next ticket got the worker
+    assert pool.workers[0].healthy
+    check_invariants(pool)
+
+
+def test_durations_feed_only_from_sessions_that_ran_their_course() -> None:
+    pool, clock, _ = make_pool(1, min_samples=1)
+    for outcome in ("worker_lost", "refused", "error"):
+        pool.mark_health(pool.workers[0], "idle")
+        t = pool.submit("transcribe")
+        clock.advance(1)
+        assert t.lease is not None
+        t.lease.release(outcome)  # type: ignore[arg-type]
+    assert pool.durations.samples("transcribe") == 0
+
+
+async def test_queue_status_positions_and_etas() -> None:
+    pool, clock, _ = make_pool(2)
+    pool.submit("chat")
+    clock.advance(4)
+    pool.submit("audio_duplex")
+    waiting = [pool.submit("chat") for _ in range(3)]
+    pool.refresh()
+    statuses = [await pool.wait_update(t) for t in waiting]
+    assert [(s.position, s.eta_s, s.queue_length, s.first) for s in statuses if s] == [
+        (1, pytest.approx(6.0), 3, True),  # chat worker frees at 10 - 4
+        (2, pytest.approx(16.0), 3, True),  # then the same worker again
+        (3, pytest.approx(26.0), 3, True),
+    ]
+    assert not any(t.due for t in waiting)  # nothing new to say
+
+
+async def test_update_on_change_and_at_least_every_interval() -> None:
+    pool, clock, _ = make_pool(1)
+    first = pool.submit("chat")
+    t = pool.submit("chat")
+    pool.refresh()
+    assert (await pool.wait_update(t)).position == 1  # type: ignore[union-attr]
+    clock.advance(1.0)
+    pool.refresh()
+    pool.tick(slack_s=0.25)
+    assert not t.due  # same position, ETA consistent with the clock: nothing to say yet
+    clock.advance(1.8)
+    pool.tick(slack_s=0.25)  # 2.8 s since the last update >= 3 - 0.25: due
+    status = await pool.wait_update(t)
+    assert status is not None and not status.first and status.eta_s == pytest.approx(10 - 2.8)
+    clock.advance(20)  # the running session overruns its expected 10 s: ETA jumps -> change
+    pool.refresh()
+    assert t.due
+    await pool.wait_update(t)
+    assert first.lease is not None
+    first.lease.release("completed")
+    assert await pool.wait_update(t) is None  # assigned
+
+
+async def test_cancel_while_waiting_frees_the_ticket_at_once_and_moves_the_others_up() -> None:
+    pool, _, rec = make_pool(1)
+    pool.submit("chat")
+    a, b = pool.submit("chat"), pool.submit("chat")
+    pool.refresh()
+    assert (await pool.wait_update(b)).position == 2  # type: ignore[union-attr]
+    pool.cancel(a)
+    assert pool.queue_length == 1 and "cancelled" in rec.rejects
+    with pytest.raises(TicketCancelled):
+        await pool.wait_update(a)
+    pool.refresh()
+    assert (await pool.wait_update(b)).position == 1  # type: ignore[union-attr]
+    pool.cancel(a)  # idempotent
+    assert pool.queue_length == 1
+
+
+def test_cancel_after_assignment_releases_the_worker() -> None:
+    pool, _, rec = make_pool(1)
+    a, b = pool.submit("chat"), pool.submit("chat")
+    pool.cancel(a)
+    assert rec.releases == [(a.id, "client_left")] and b.state == "assigned"
+
+
+def test_full_queue_raises_with_retry_after_from_the_head_eta() -> None:
+    pool, clock, rec = make_pool(1, max_queue=2)
+    pool.submit("chat")  # on the worker
+    clock.advance(2.5)
+    pool.submit("chat")
+    pool.submit("chat")
+    with pytest.raises(QueueFull) as err:
+        pool.submit("chat")
+    assert err.value.retry_after_s == 8.0  # ceil(10 - 2.5)
+    assert rec.rejects == ["queue_full"] and pool.queue_length == 2
+
+
+async def test_wait_past_request_timeout_ends_with_queue_timeout() -> None:
+    pool, clock, rec = make_pool(1, timeout=30)
+    pool.submit("chat")
+    early, late = pool.submit("chat"), None
+    clock.advance(10)
+    late = pool.submit("chat")
+    clock.advance(20)
+    pool.tick()
+    assert early.state == "expired" and late.state == "waiting"
+    with pytest.raises(QueueTimeout):
+        await pool.wait_update(early)
+    assert rec.rejects == ["queue_timeout"] and pool.queue_length == 1
+
+
+async def test_dead_worker_loses_its_lease_and_rejoins_when_healthy() -> None:
+    pool, _, rec = make_pool(2)
+    a, b = pool.submit("audio_duplex"), pool.submit("audio_duplex")
+    c = pool.submit("audio_duplex")
+    assert a.lease and b.lease
+    w0 = a.lease.worker
+    pool.mark_down(w0, "connection refused")
+    assert a.lease.lost.is_set() and not b.lease.lost.is_set()
+    a.lease.release("worker_lost")  # the bridge reports the loss
+    assert c.state == "waiting", "a down worker must not take the next ticket"
+    assert not w0.available and w0.status == "down"
+    pool.mark_health(w0, "loading")
+    assert c.state == "waiting"
+    pool.mark_health(w0, "idle", restarts=1)
+    assert c.state == "assigned" and c.lease is not None and c.lease.worker is w0 and w0.restarts == 1
+    assert rec.releases == [(a.id, "worker_lost")]
+    check_invariants(pool)
+
+
+def test_health_failures_take_a_worker_out_only_after_several() -> None:
+    pool, _, _ = make_pool(1)
+    w = pool.workers[0]
+    for _ in range(MAX_HEALTH_FAILURES - 1):
+        pool.note_health_failure(w, "timeout")
+    assert w.healthy
+    pool.note_health_failure(w, "timeout")
+    assert not w.healthy
+    pool.mark_health(w, "idle")
+    assert w.healthy and w.failures == 0
+
+
+def test_a_worker_busy_outside_the_gateway_is_not_handed_out() -> None:
+    pool, clock, _ = make_pool(1)
+    w = pool.workers[0]
+    t = pool.submit("chat")
+    assert t.lease is not None
+    t.lease.release("completed")
+    pool.mark_health(w, "busy")  # right after our release: still tearing down our session
+    assert w.available
+    clock.advance(TEARDOWN_GRACE_S + 1)
+    pool.mark_health(w, "busy")  # nobody of ours on it: someone bypassed the gateway
+    assert not w.available and w.status == "busy_external"
+    waiting = pool.submit("chat")
+    assert waiting.state == "waiting"
+    pool.mark_health(w, "idle")
+    assert waiting.state == "assigned"
+
+
+def test_refused_ticket_goes_back_to_the_head_of_the_queue() -> None:
+    pool, _, rec = make_pool(2)
+    a, b = pool.submit("chat"), pool.submit("chat")
+    c, d = pool.submit("chat"), pool.submit("chat")
+    assert a.lease is not None
+    w = a.lease.worker
+    pool.mark_refusing(w, "not_ready")
+    pool.requeue(a)
+    assert rec.releases == [(a.id, "refused")]
+    assert [t.id for t in pool.waiting()] == [a.id, c.id, d.id] and a.attempts == 1
+    assert b.lease is not None
+    b.lease.release("completed")
+    assert a.state == "assigned"  # head of the queue first
+    check_invariants(pool)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["submit", "cancel", "release", "lost", "down", "up", "refuse", "tick"]),
+        st.integers(0, 50),
+        st.floats(0, 5),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_random_operations_never_leak_tickets_or_workers(ops: list[tuple[str, int, float]]) -> None:
+    pool, clock, rec = make_pool(3, max_queue=20, timeout=15)
+    tickets: list[Ticket] = []
+    for op, n, dt in ops:
+        clock.advance(dt)
+        assigned = [t for t in tickets if t.state == "assigned" and t.lease and not t.lease.released]
+        if op == "submit":
+            try:
+                tickets.append(pool.submit("chat"))
+            except QueueFull:
+                assert pool.queue_length == 20
+        elif op == "cancel" and tickets:
+            pool.cancel(tickets[n % len(tickets)])
+        elif op == "release" and assigned:
+            assigned[n % len(assigned)].lease.release("completed")  # type: ignore[union-attr]
+        elif op == "lost" and assigned:
+            lease = assigned[n % len(assigned)].lease
+            assert lease is not None
+            pool.mark_down(lease.worker, "gone")
+            lease.release("worker_lost")
+        elif op == "down":
+            pool.mark_down(pool.workers[n % 3], "refused")
+        elif op == "up":
+            pool.mark_health(pool.workers[n % 3], "idle")
+        elif op == "refuse" and assigned:
+            t = assigned[n % len(assigned)]
+            assert t.lease is not None
+            pool.mark_refusing(t.lease.worker, "busy_external")
+            pool.requeue(t)
+        elif op == "tick":
+            pool.tick()
+        check_invariants(pool)
+    # Every lease ever handed out is released at most once; dispatch followed arrival order.
+    assert len(rec.leases) == len({id(lease) for lease in rec.leases})
+    if not any(t.attempts for t in tickets):
+        seqs = [t.dispatch_seq for t in sorted(tickets, key=lambda t: int(t.id[1:])) if t.dispatch_seq]
+        assert seqs == sorted(seqs)
+    # Cancelling every waiting ticket, then releasing every lease, frees every worker.
+    for t in list(pool.waiting()):
+        pool.cancel(t)
+    for t in tickets:
+        if t.state == "assigned" and t.lease:
+            t.lease.release("completed")
+    assert pool.queue_length == 0 and all(w.lease is None for w in pool.workers)
+
+
+async def test_watched_tickets_get_statuses_pushed_without_waking_anyone() -> None:
+    pool, clock, _ = make_pool(1)
+    running = pool.submit("chat")
+    t = pool.submit("chat")
+    pushed: list[tuple[int, float, bool]] = []
+    pool.refresh()  # the first status is due before anyone watches: delivered on watch
+    pool.watch(t, lambda s: pushed.append((s.position, round(s.eta_s, 3), s.first)))
+    assert pushed == [(1, 10.0, True)]
+    behind = pool.submit("chat")
+    pool.watch(behind, lambda s: pushed.append((s.position + 100, round(s.eta_s, 3), s.first)))
+    pool.refresh()
+    assert pushed[-1] == (102, 20.0, True)  # a newcomer; t's status did not change: nothing for it
+    clock.advance(2.0)
+    pool.tick(slack_s=0.5)
+    assert len(pushed) == 2  # 2 s since the last push < 3 - 0.5
+    clock.advance(0.6)
+    pool.tick(slack_s=0.5)
+    assert pushed[2:] == [(1, 7.4, False), (102, 17.4, False)]
+    pool.cancel(t)
+    pool.refresh()
+    assert pushed[-1] == (101, 7.4, False)  # moved up at once
+    assert running.lease is not None
+    running.lease.release("completed")
+    assert await pool.wait_assigned(behind) is behind.lease
+    pool.refresh()
+    assert pushed[-1] == (101, 7.4, False)  # nothing pushed once assigned
+
+
+async def test_wait_assigned_raises_when_the_ticket_ends_without_a_worker() -> None:
+    pool, clock, _ = make_pool(1, timeout=5)
+    pool.submit("chat")
+    gone, late = pool.submit("chat"), pool.submit("chat")
+    pool.cancel(gone)
+    with pytest.raises(TicketCancelled):
+        await pool.wait_assigned(gone)
+    clock.advance(6)
+    pool.tick()
+    with pytest.raises(QueueTimeout):
+        await pool.wait_assigned(late)
+
+
+async def test_a_failing_sink_does_not_stop_the_others() -> None:
+    pool, _, _ = make_pool(1)
+    pool.submit("chat")
+    a, b = pool.submit("chat"), pool.submit("chat")
+    got: list[int] = []
+
+    def broken(_: object) -> None:
+        raise ConnectionError("client gone")
+
+    pool.watch(a, broken)
+    pool.watch(b, lambda s: got.append(s.position))
+    pool.refresh()
+    assert got == [2]
