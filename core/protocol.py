@@ -218,7 +218,9 @@ class TurnTimings(BaseModel):
     llm_first_token_ms: float | None = Field(None, description="ASR done to first LLM token.")
     first_sentence_ms: float | None = Field(None, description="ASR done to first clause ready for TTS.")
     tts_first_audio_ms: float | None = Field(None, description="First clause to first TTS audio.")
-    voice_to_voice_ms: float | None = Field(None, description="End of user speech to first audio packet sent.")
+    voice_to_voice_ms: float | None = Field(
+        None, description="End of user speech to first audio packet sent."
+    )
     total_ms: float | None = Field(None, description="End of turn to response done.")
     audio_s: float | None = Field(None, description="Seconds of reply audio sent.")
 
@@ -331,7 +333,9 @@ def _loads(text: str | bytes) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        raise ProtocolError(
+            ErrorCode.BAD_JSON, f"not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}"
+        ) from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "an event must be a JSON object")
     if not isinstance(data.get("type"), str):
@@ -401,7 +405,7 @@ def render_protocol_doc() -> str:
         "Generated from `core/protocol.py` by `python -m core.protocol > docs/PROTOCOL.md`; a test fails when stale.",
         "",
         "Endpoint: `wss://HOST:8006/ws/duplex` (gateway) or `ws://127.0.0.1:22400+N/ws/duplex` (worker).",
-        "Text frames carry one JSON event `{\"type\": ...}`; binary frames carry audio.",
+        'Text frames carry one JSON event `{"type": ...}`; binary frames carry audio.',
         "",
         "## Audio frames",
         "",
@@ -425,8 +429,8 @@ def render_protocol_doc() -> str:
         for cls in group:
             out += [f"### `{cls.model_fields['type'].default}`", "", (cls.__doc__ or "").strip(), ""]
             out += [*_fields_table(cls), ""]
-    for cls in (SessionSettings, SessionInfo, TurnTimings):
-        out += [f"### `{cls.__name__}` object", "", (cls.__doc__ or "").strip(), "", *_fields_table(cls), ""]
+    for obj in (SessionSettings, SessionInfo, TurnTimings):
+        out += [f"### `{obj.__name__}` object", "", (obj.__doc__ or "").strip(), "", *_fields_table(obj), ""]
     return "\n".join(out)
 
 

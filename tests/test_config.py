@@ -56,7 +56,9 @@ def test_example_file_loads_as_a_config(tmp_path: Path) -> None:
         ([1, 2], "top level must be a JSON object"),
     ],
 )
-def test_bad_values_are_one_line_errors_naming_the_field(tmp_path: Path, content: object, needle: str) -> None:
+def test_bad_values_are_one_line_errors_naming_the_field(
+    tmp_path: Path, content: object, needle: str
+) -> None:
     f = tmp_path / "c.json"
     f.write_text(json.dumps(content))
     with pytest.raises(ConfigError) as err:

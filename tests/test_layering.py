@@ -89,7 +89,9 @@ def test_imports_point_down_only() -> None:
 def test_session_never_imports_a_model_framework() -> None:
     for path in sorted((ROOT / "core" / "session").rglob("*.py")):
         for imp in imports_of(path):
-            assert not imp.startswith(("torch", "transformers", "onnxruntime")), f"{module_name(path)} imports {imp}"
+            assert not imp.startswith(("torch", "transformers", "onnxruntime")), (
+                f"{module_name(path)} imports {imp}"
+            )
 
 
 def _closure(start: str) -> set[str]:

@@ -1,0 +1,118 @@
+"""Builds the model stack a worker serves from the config: ``production``, ``embedded`` or ``fake``.
+
+``auto`` picks production when a CUDA GPU is visible and embedded otherwise. Backends are imported here
+only, so the session and batch code never depend on one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from core.config import Config, ModelConfig
+from core.models.base import TTS, ModelStack
+
+log = logging.getLogger("models")
+
+
+def has_cuda() -> bool:
+    """True when torch sees a CUDA device."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_stack_name(model: ModelConfig) -> str:
+    """The concrete stack for a config (resolves ``auto``)."""
+    if model.stack != "auto":
+        return model.stack
+    return "production" if has_cuda() else "embedded"
+
+
+def _device(model: ModelConfig) -> str:
+    if model.device != "auto":
+        return model.device
+    return "cuda" if has_cuda() else "cpu"
+
+
+def _set_threads(model: ModelConfig) -> None:
+    if model.cpu_threads:
+        import torch
+
+        torch.set_num_threads(model.cpu_threads)
+
+
+def _tts(config: Config, default: str, piper_paths: tuple[Path, Path] | None) -> TTS:
+    choice = default if config.model.tts == "auto" else config.model.tts
+    if choice == "cosyvoice2":
+        try:
+            from core.models.cosyvoice import CosyVoice2TTS  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            raise RuntimeError(f"the CosyVoice2 backend is not available in this build: {exc}") from exc
+        return CosyVoice2TTS(  # type: ignore[no-any-return,unused-ignore]
+            config.model.tts_path,
+            device=_device(config.model),
+            ref_audio_path=config.audio.ref_audio_path,
+        )
+    from core.models.piper import PiperTTS
+
+    if piper_paths is None:
+        return PiperTTS()
+    return PiperTTS(piper_paths[0], piper_paths[1])
+
+
+def _production_tts_default() -> str:
+    import importlib.util
+
+    return "cosyvoice2" if importlib.util.find_spec("core.models.cosyvoice") else "piper"
+
+
+def build_stack(config: Config) -> ModelStack:
+    """Load every model of the configured stack (slow: call it off the event loop)."""
+    name = resolve_stack_name(config.model)
+    if name == "fake":
+        from core.models.fake import build_fake_stack
+
+        return build_fake_stack()
+    from core.audio.vad import SileroVAD, load_silero_session
+    from core.models.hf_llm import TransformersLLM
+    from core.models.whisper import WhisperASR
+
+    m = config.model
+    _set_threads(m)
+    device = _device(m)
+    if name == "embedded":
+        from core.models import embedded
+
+        paths = embedded.paths(Path(m.embedded_dir))
+        asr_path, llm_path = str(paths.whisper), str(paths.llm)
+        piper: tuple[Path, Path] | None = (paths.piper_onnx, paths.piper_json)
+        vad_session = load_silero_session(paths.silero_onnx)
+        tts = _tts(config, "piper", piper)
+    else:
+        asr_path, llm_path = m.asr_path, m.llm_path
+        vad_session = load_silero_session()
+        tts = _tts(config, _production_tts_default(), None)
+    asr = WhisperASR(
+        asr_path, device=device, dtype=m.dtype, attn_implementation=m.attn_implementation, compile=m.compile
+    )
+    llm = TransformersLLM(
+        llm_path,
+        device=device,
+        dtype=m.dtype,
+        attn_implementation=m.attn_implementation,
+        compile=m.compile,
+        temperature=m.temperature,
+        top_p=m.top_p,
+    )
+    info = {"stack": name, "asr": asr.name, "llm": llm.name, "tts": tts.name, "vad": "silero"}
+    log.info("model stack %s on %s: %s", name, device, info)
+    return ModelStack(
+        asr=asr,
+        llm=llm,
+        tts=tts,
+        vad_factory=lambda: SileroVAD(vad_session),
+        kind=name,
+        device=device,
+        info=info,
+    )

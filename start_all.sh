@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Starts one worker per visible GPU (or CPU workers with the embedded stack), each under a supervisor that
+# restarts it after a crash, waits until all are healthy, starts the gateway, prints the URL and returns.
+#   bash start_all.sh [--http] [--compile] [--cpu-workers N] [--port P] [--config F]
+#   bash start_all.sh --stop                      stop exactly what start_all.sh started (tmp/*.pid)
+#   bash start_all.sh --distill MANIFEST [--output OUT.jsonl] [--batch-size N]   batch transcription, one shard per GPU
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+[ -x "$PY" ] || { echo "start_all.sh: .venv missing: run bash install.sh first" >&2; exit 1; }
+HTTP=0; COMPILE=0; CPU_WORKERS=""; PORT=""; CONFIG=""; STOP=0; DISTILL=""; OUTPUT=""; BATCH=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --http) HTTP=1 ;;
+    --compile) COMPILE=1 ;;
+    --cpu-workers) CPU_WORKERS="$2"; shift ;;
+    --port) PORT="$2"; shift ;;
+    --config) CONFIG="$2"; shift ;;
+    --stop) STOP=1 ;;
+    --distill) DISTILL="$2"; shift ;;
+    --output) OUTPUT="$2"; shift ;;
+    --batch-size) BATCH="$2"; shift ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "start_all.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p tmp
+cfg() { "$PY" -c "from core.config import load_config; c = load_config(${CONFIG:+'$CONFIG'}); print($1)"; }
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+stop_pidfile() {  # stop one process we started and wait for it (TERM, then KILL after 10 s)
+  local f=$1 pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    echo "stopped $(basename "$f" .pid) (pid $pid)"
+  fi
+  rm -f "$f"
+}
+
+if [ "$STOP" = 1 ]; then
+  stop_pidfile tmp/gateway.pid
+  for f in tmp/worker_*.pid; do [ -e "$f" ] && stop_pidfile "$f"; done
+  rm -f tmp/worker_*.status
+  exit 0
+fi
+
+# --- which devices -----------------------------------------------------------------------------------
+GPUS=()
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  IFS=',' read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  mapfile -t GPUS < <(nvidia-smi --query-gpu=index --format=csv,noheader)
+fi
+if [ ${#GPUS[@]} -gt 0 ]; then
+  N=${#GPUS[@]}; STACK=""
+  echo "found ${N} GPU(s): ${GPUS[*]}"
+else
+  N=${CPU_WORKERS:-1}; STACK="--stack embedded"
+  echo "no GPU found: ${N} CPU worker(s) with the embedded stack"
+fi
+
+# --- batch transcription -----------------------------------------------------------------------------
+if [ -n "$DISTILL" ]; then
+  OUTPUT=${OUTPUT:-tmp/distill.jsonl}
+  pids=(); shards=()
+  for i in $(seq 0 $((N - 1))); do
+    shard="${OUTPUT%.jsonl}.shard${i}of${N}.jsonl"; shards+=("$shard")
+    gpu=()
+    [ ${#GPUS[@]} -gt 0 ] && gpu=(env CUDA_VISIBLE_DEVICES="${GPUS[$i]}")
+    "${gpu[@]}" "$PY" worker.py --distill "$DISTILL" --output "$shard" --shard "$i/$N" \
+      ${BATCH:+--batch-size "$BATCH"} ${CONFIG:+--config "$CONFIG"} > "tmp/distill_${i}.log" 2>&1 &
+    pids+=($!)
+    echo "shard $i/$N -> $shard (log tmp/distill_${i}.log)"
+  done
+  rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  "$PY" -m core.distill.merge "$OUTPUT" "${shards[@]}"
+  echo "merged ${N} shard(s) into $OUTPUT"
+  exit $rc
+fi
+
+# --- workers -----------------------------------------------------------------------------------------
+if alive tmp/gateway.pid; then
+  echo "already running (gateway pid $(cat tmp/gateway.pid)); stop it with: bash start_all.sh --stop"; exit 1
+fi
+BASE=$(cfg c.service.worker_base_port)
+GW_PORT=${PORT:-$(cfg c.service.gateway_port)}
+ADDRS=()
+for i in $(seq 0 $((N - 1))); do
+  port=$((BASE + i)); ADDRS+=("127.0.0.1:$port")
+  alive "tmp/worker_$i.pid" && { echo "worker $i already running"; continue; }
+  args=(worker.py --worker-index "$i" --port "$port" $STACK)
+  [ ${#GPUS[@]} -gt 0 ] && args+=(--gpu-id "${GPUS[$i]}")
+  [ "$COMPILE" = 1 ] && args+=(--compile)
+  [ -n "$CONFIG" ] && args+=(--config "$CONFIG")
+  nohup "$PY" -m core.server.supervisor --name "worker_$i" --status "tmp/worker_$i.status" -- \
+    "$PY" "${args[@]}" > "tmp/worker_$i.out" 2>&1 &
+  echo $! > "tmp/worker_$i.pid"
+  echo "worker $i starting on 127.0.0.1:$port (log tmp/worker_$i.log)"
+done
+
+wait_health() {  # url, name, pidfile, timeout_s
+  local deadline=$(( $(date +%s) + $4 ))
+  until curl -fsk -o /dev/null "$1"; do
+    if ! alive "$3"; then echo "$2 exited; last lines of its log:"; tail -n 20 "tmp/$2.out" "tmp/$2.log" 2>/dev/null; return 1; fi
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "$2 not healthy after $4 s (see tmp/$2.log)"; return 1; }
+    sleep 0.5
+  done
+}
+for i in $(seq 0 $((N - 1))); do
+  wait_health "http://127.0.0.1:$((BASE + i))/health" "worker_$i" "tmp/worker_$i.pid" 900 || { bash "$0" --stop; exit 1; }
+  echo "worker $i healthy"
+done
+
+# --- gateway -----------------------------------------------------------------------------------------
+WORKERS=$(IFS=,; echo "${ADDRS[*]}")
+gw=(gateway.py --port "$GW_PORT" --workers "$WORKERS")
+[ "$HTTP" = 1 ] && gw+=(--http)
+[ -n "$CONFIG" ] && gw+=(--config "$CONFIG")
+nohup "$PY" "${gw[@]}" > tmp/gateway.out 2>&1 &
+echo $! > tmp/gateway.pid
+SCHEME=https; [ "$HTTP" = 1 ] && SCHEME=http
+wait_health "$SCHEME://127.0.0.1:$GW_PORT/health" gateway tmp/gateway.pid 60 || { bash "$0" --stop; exit 1; }
+
+echo
+echo "ready: open $SCHEME://localhost:$GW_PORT/ in a browser"
+for ip in $(hostname -I 2>/dev/null); do case "$ip" in *:*) ;; *) echo "       or $SCHEME://$ip:$GW_PORT/ from another device on this network";; esac; done
+[ "$SCHEME" = https ] && echo "       (self-signed certificate: accept the browser's warning once)"
+echo "logs:  tmp/gateway.log, tmp/worker_N.log   stop: bash start_all.sh --stop"
