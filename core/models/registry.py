@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from core.config import Config, ModelConfig
-from core.models.base import TTS, ModelStack
+from core.models.base import ASR, TTS, ModelStack
 
 log = logging.getLogger("models")
 
@@ -67,6 +67,34 @@ def _production_tts_default() -> str:
     return "cosyvoice2" if importlib.util.find_spec("core.models.cosyvoice") else "piper"
 
 
+def _asr_path(config: Config, name: str) -> str:
+    if name == "embedded":
+        from core.models import embedded
+
+        return str(embedded.paths(Path(config.model.embedded_dir)).whisper)
+    return config.model.asr_path
+
+
+def build_asr(config: Config) -> ASR:
+    """Only the ASR of the configured stack (batch transcription needs nothing else)."""
+    name = resolve_stack_name(config.model)
+    if name == "fake":
+        from core.models.fake import build_fake_stack
+
+        return build_fake_stack().asr
+    from core.models.whisper import WhisperASR
+
+    m = config.model
+    _set_threads(m)
+    return WhisperASR(
+        _asr_path(config, name),
+        device=_device(m),
+        dtype=m.dtype,
+        attn_implementation=m.attn_implementation,
+        compile=m.compile,
+    )
+
+
 def build_stack(config: Config) -> ModelStack:
     """Load every model of the configured stack (slow: call it off the event loop)."""
     name = resolve_stack_name(config.model)
@@ -85,16 +113,16 @@ def build_stack(config: Config) -> ModelStack:
         from core.models import embedded
 
         paths = embedded.paths(Path(m.embedded_dir))
-        asr_path, llm_path = str(paths.whisper), str(paths.llm)
+        llm_path = str(paths.llm)
         piper: tuple[Path, Path] | None = (paths.piper_onnx, paths.piper_json)
         vad_session = load_silero_session(paths.silero_onnx)
         tts = _tts(config, "piper", piper)
     else:
-        asr_path, llm_path = m.asr_path, m.llm_path
+        llm_path = m.llm_path
         vad_session = load_silero_session()
         tts = _tts(config, _production_tts_default(), None)
     asr = WhisperASR(
-        asr_path, device=device, dtype=m.dtype, attn_implementation=m.attn_implementation, compile=m.compile
+        _asr_path(config, name), device=device, dtype=m.dtype, attn_implementation=m.attn_implementation, compile=m.compile
     )
     llm = TransformersLLM(
         llm_path,
