@@ -90,10 +90,14 @@ async def wait_for(got: Received, kind: str, timeout: float, count: int = 1) -> 
     raise AssertionError(f"no {kind} within {timeout} s; got {got.types()}")
 
 
-def start_worker(port: int, stack: str, log_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """Start ``worker.py`` on loopback with its logs under ``log_dir``."""
+def start_worker(
+    port: int, stack: str, log_dir: Path, *extra: str, extra_config: dict[str, Any] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``worker.py`` on loopback with its logs and data under ``log_dir``."""
     cfg = log_dir / "config.json"
-    cfg.write_text(json.dumps({"service": {"log_dir": str(log_dir), "data_dir": str(log_dir / "data")}}))
+    config: dict[str, Any] = {"service": {"log_dir": str(log_dir), "data_dir": str(log_dir / "data")}}
+    config.update(extra_config or {})
+    cfg.write_text(json.dumps(config))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "worker.py", "--worker-index", "0", "--port", str(port), "--stack", stack,

@@ -140,7 +140,7 @@ QUESTION = "What is the capital of France?"
 async def test_spoken_question_gets_a_spoken_answer(embedded_worker: str) -> None:
     ws, got, task = await open_session(f"ws://{embedded_worker}/ws/duplex")
     try:
-        speech = with_silence(espeak(QUESTION), 0.3, 1.2)
+        speech = with_silence(espeak(QUESTION, voice="en-gb"), 0.3, 1.2)
         await stream(ws, encode_16k(speech))
         silence = encode_16k(np.zeros(16_000 * 30, np.float32))
         feeder = asyncio.create_task(stream(ws, silence))  # a loopback client keeps sending silence
@@ -196,7 +196,7 @@ async def test_talking_over_the_reply_clears_it(embedded_worker: str) -> None:
 @pytest.mark.slow
 def test_http_transcribe_and_chat_with_real_models(embedded_worker: str) -> None:
     base = f"http://{embedded_worker}"
-    speech = with_silence(espeak(QUESTION), 0.2, 0.3)
+    speech = with_silence(espeak(QUESTION, voice="en-gb"), 0.2, 0.3)
     buf = io.BytesIO()
     sf.write(buf, speech, 16_000, format="WAV")
     r = httpx.post(
@@ -210,3 +210,44 @@ def test_http_transcribe_and_chat_with_real_models(embedded_worker: str) -> None
     assert r.status_code == 200, r.text
     body = r.json()
     assert "france" in body["transcript"].lower() and body["text"] and body["audio_s"] > 0.5
+
+
+# --------------------------------------------------------------------------- CosyVoice2 through the worker
+
+
+@pytest.fixture(scope="module")
+def cosyvoice_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.cosyvoice_tiny import MICRO, tiny_folder
+
+    folder = tiny_folder(MICRO)
+    log_dir = tmp_path_factory.mktemp("cosyvoice-worker")
+    ref = log_dir / "ref.wav"
+    sf.write(ref, espeak("This is the voice I would like you to use."), 16_000)
+    port = free_port()
+    proc = start_worker(
+        port, "fake", log_dir, extra_config={"model": {"tts": "cosyvoice2", "tts_path": str(folder)},
+                                             "audio": {"ref_audio_path": str(ref)}}
+    )  # fmt: skip
+    try:
+        health = wait_healthy(f"http://127.0.0.1:{port}", proc, 300)
+        assert health["models"]["tts"].startswith("cosyvoice2")
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
+async def test_cosyvoice_worker_answers_a_duplex_turn_with_audio(cosyvoice_worker: str) -> None:
+    ws, got, task = await open_session(f"ws://{cosyvoice_worker}/ws/duplex")
+    try:
+        await stream(
+            ws, encode_16k(np.concatenate([tone(1.0), np.zeros(16_000, np.float32)])), realtime=False
+        )
+        await ws.send('{"type": "input_audio_buffer.commit"}')
+        done = await wait_for(got, "response.done", 240)
+        assert done["status"] == "completed"
+        assert got.decoded_seconds() > 0.5
+        assert done["timings"]["tts_first_audio_ms"] is not None
+    finally:
+        await ws.close()
+        task.cancel()

@@ -99,9 +99,15 @@ def build_stack(config: Config) -> ModelStack:
     """Load every model of the configured stack (slow: call it off the event loop)."""
     name = resolve_stack_name(config.model)
     if name == "fake":
+        from dataclasses import replace
+
         from core.models.fake import build_fake_stack
 
-        return build_fake_stack()
+        fake = build_fake_stack()
+        if config.model.tts == "cosyvoice2":  # scripted ASR/LLM in front of a real CosyVoice2 folder
+            tts = _tts(config, "cosyvoice2", None)
+            return replace(fake, tts=tts, info={**fake.info, "tts": tts.name})
+        return fake
     from core.audio.vad import SileroVAD, load_silero_session
     from core.models.hf_llm import TransformersLLM
     from core.models.whisper import WhisperASR
@@ -122,7 +128,11 @@ def build_stack(config: Config) -> ModelStack:
         vad_session = load_silero_session()
         tts = _tts(config, _production_tts_default(), None)
     asr = WhisperASR(
-        _asr_path(config, name), device=device, dtype=m.dtype, attn_implementation=m.attn_implementation, compile=m.compile
+        _asr_path(config, name),
+        device=device,
+        dtype=m.dtype,
+        attn_implementation=m.attn_implementation,
+        compile=m.compile,
     )
     llm = TransformersLLM(
         llm_path,

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -34,9 +35,11 @@ from core.audio.opus import OpusDecoder, OpusEncoder
 from core.config import Config
 from core.models.base import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
 from core.protocol import ErrorCode, error_event
+from core.server.ref_audio_routes import build_ref_audio_router, connect_voices
 from core.session.duplex import DuplexSession
 from core.session.executor import device_executor
 from core.session.text import SentenceChunker
+from core.storage.ref_audio import RefAudioRegistry
 
 log = logging.getLogger("worker")
 
@@ -76,10 +79,11 @@ class WorkerState:
         return body
 
 
-def _load(state: WorkerState, build: Callable[[], ModelStack]) -> None:
+def _load(state: WorkerState, build: Callable[[], ModelStack], voices: RefAudioRegistry) -> None:
     try:
         t0 = time.monotonic()
         stack = build()
+        connect_voices(stack.tts, voices)
         stack.warmup()
         state.stack = stack
         state.status = "idle"
@@ -215,10 +219,21 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
     state = WorkerState(config=config, index=index)
     app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None)
     app.state.worker = state
+    voices = RefAudioRegistry(
+        Path(config.service.data_dir) / "ref_audio",
+        max_upload_bytes=int(config.audio.max_upload_mb * 1024 * 1024),
+    )
+    app.include_router(
+        build_ref_audio_router(
+            voices, lambda: state.stack.tts if state.stack else None, executor=state.executor
+        )
+    )
 
     @app.on_event("startup")
     async def _start() -> None:
-        threading.Thread(target=_load, args=(state, build_stack), name="model-load", daemon=True).start()
+        threading.Thread(
+            target=_load, args=(state, build_stack, voices), name="model-load", daemon=True
+        ).start()
 
     @app.get("/health")
     async def health() -> JSONResponse:

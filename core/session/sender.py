@@ -1,0 +1,244 @@
+"""The session's output: an outbox of tagged items and the task that sends them, paced near real time.
+
+Two lanes. The *control* lane (speech events, errors, ``response.output_audio.clear``, session events)
+is never stale and always goes first. The *response* lane holds one reply's events and Opus packets in
+order, each tagged with the generation of the reply; it is bounded in audio packets (the turn waits
+when it is full), and an item whose generation is no longer current is dropped, both when the session
+purges the outbox on a barge-in and again by the sender right before a send. So once the session has
+bumped the generation and queued the clear, no packet of the old reply can follow it on the wire.
+
+Audio is paced: the sender keeps a model of the client's playback (``playhead``: when the client will
+have played everything sent) and never lets it run more than ``lead_s`` ahead of now, so that a
+barge-in has at most that much audio to take back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from core.audio.framing import pack_packets
+from core.session.cancel import CancelScope
+
+log = logging.getLogger(__name__)
+
+SendText = Callable[[str], Awaitable[None]]
+SendBytes = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass
+class ReplyStats:
+    """What the sender has sent of one generation."""
+
+    first_audio_at: float | None = None
+    packets: int = 0
+    audio_s: float = 0.0
+
+
+#: Builds the text of a ``response.done`` at send time, from the sender's stats and the time of sending.
+DoneBuilder = Callable[[ReplyStats, float], str]
+
+
+@dataclass
+class _Item:
+    generation: int | None  # None: control lane
+    text: str | None = None
+    audio: bytes | None = None
+    done: DoneBuilder | None = None
+    reset_playhead: bool = False
+
+
+class Outbox:
+    """Items waiting to be sent (see the module doc)."""
+
+    def __init__(self, scope: CancelScope, capacity_packets: int) -> None:
+        self._scope = scope
+        self.capacity_packets = capacity_packets
+        self._control: collections.deque[_Item] = collections.deque()
+        self._reply: collections.deque[_Item] = collections.deque()
+        self._audio_count = 0
+        self.urgent = asyncio.Event()  # control item, purge or stop: interrupts the pacing wait
+        self.available = asyncio.Event()  # anything new
+        self._space = asyncio.Event()
+        self._space.set()
+
+    def control(self, text: str, *, reset_playhead: bool = False) -> None:
+        """Queue a control event (sent before any reply item; never dropped)."""
+        self._control.append(_Item(None, text=text, reset_playhead=reset_playhead))
+        self._wake(urgent=True)
+
+    def put_text(self, generation: int, text: str) -> None:
+        """Queue a reply event."""
+        if self._scope.is_current(generation):
+            self._reply.append(_Item(generation, text=text))
+            self._wake()
+
+    def put_done(self, generation: int, build: DoneBuilder) -> None:
+        """Queue the reply's ``response.done``, built when it is sent."""
+        if self._scope.is_current(generation):
+            self._reply.append(_Item(generation, done=build))
+            self._wake()
+
+    async def put_audio(self, generation: int, packet: bytes) -> None:
+        """Queue an audio packet, waiting while the lane holds ``capacity_packets`` packets."""
+        while self._audio_count >= self.capacity_packets and self._scope.is_current(generation):
+            self._space.clear()
+            await self._space.wait()
+        if self._scope.is_current(generation):
+            self._reply.append(_Item(generation, audio=packet))
+            self._audio_count += 1
+            self._wake()
+
+    def purge_stale(self) -> int:
+        """Drop every reply item whose generation is not current; return how many."""
+        before = len(self._reply)
+        self._reply = collections.deque(i for i in self._reply if self._is_fresh(i))
+        self._audio_count = sum(1 for i in self._reply if i.audio is not None)
+        self._space.set()
+        self._wake(urgent=True)
+        return before - len(self._reply)
+
+    def pop_control(self) -> _Item | None:
+        """The next control item, if any."""
+        return self._control.popleft() if self._control else None
+
+    def pop_reply(self) -> _Item | None:
+        """The next reply item, if any."""
+        if not self._reply:
+            return None
+        item = self._reply.popleft()
+        if item.audio is not None:
+            self._audio_count -= 1
+            if self._audio_count < self.capacity_packets:
+                self._space.set()
+        return item
+
+    def pending(self) -> tuple[int, int]:
+        """(control items, reply items) waiting."""
+        return len(self._control), len(self._reply)
+
+    def is_fresh(self, item: _Item) -> bool:
+        """Whether ``item`` may still be sent."""
+        return self._is_fresh(item)
+
+    def _is_fresh(self, item: _Item) -> bool:
+        return item.generation is None or self._scope.is_current(item.generation)
+
+    def _wake(self, *, urgent: bool = False) -> None:
+        self.available.set()
+        if urgent:
+            self.urgent.set()
+
+
+class Sender:
+    """Sends the outbox over the socket callables; see the module doc for the pacing rule."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        send_text: SendText,
+        send_bytes: SendBytes,
+        clock: Callable[[], float],
+        *,
+        lead_s: float,
+        frame_s: float,
+        on_first_audio: Callable[[int, float], None] = lambda gen, t: None,
+        on_done: Callable[[int], None] = lambda gen: None,
+    ) -> None:
+        self._outbox = outbox
+        self._send_text = send_text
+        self._send_bytes = send_bytes
+        self._clock = clock
+        self.frame_s = frame_s
+        self.lead_s = max(lead_s, frame_s)  # a zero lead would never let the first frame out
+        self._on_first_audio = on_first_audio
+        self._on_done = on_done
+        self._stats: dict[int, ReplyStats] = {}
+        self._held: _Item | None = None
+        self._stopping = False
+        #: When the client will have played all audio sent so far (loop time).
+        self.playhead = 0.0
+
+    def stats(self, generation: int) -> ReplyStats:
+        """What was sent of ``generation`` so far."""
+        return self._stats.setdefault(generation, ReplyStats())
+
+    def take_stats(self, generation: int) -> ReplyStats:
+        """What was sent of ``generation``, forgetting it (the reply is over)."""
+        return self._stats.pop(generation, ReplyStats())
+
+    def stop(self) -> None:
+        """Send what is left in the control lane, then end :meth:`run` (reply items are dropped)."""
+        self._stopping = True
+        self._outbox.urgent.set()
+        self._outbox.available.set()
+
+    async def run(self) -> None:
+        """Send until :meth:`stop` (returns) or until the socket fails (raises)."""
+        outbox = self._outbox
+        while True:
+            outbox.urgent.clear()
+            outbox.available.clear()
+            control = outbox.pop_control()
+            if control is not None:
+                await self._send_control(control)
+                continue
+            if self._stopping:
+                return
+            item = self._held or outbox.pop_reply()
+            self._held = None
+            if item is None:
+                await outbox.available.wait()
+            elif outbox.is_fresh(item):
+                await self._send_reply(item)
+
+    async def _send_control(self, item: _Item) -> None:
+        assert item.text is not None
+        if item.reset_playhead:
+            self.playhead = self._clock()  # the client dropped its buffered audio
+        await self._text(item.text)
+
+    async def _send_reply(self, item: _Item) -> None:
+        assert item.generation is not None
+        if item.audio is not None:
+            delay = self._pacing_delay()
+            if delay > 1e-6:
+                self._held = item
+                await self._wait_urgent(delay)
+                return
+            await self._audio(item.generation, item.audio)
+        elif item.done is not None:
+            stats = self.take_stats(item.generation)
+            await self._text(item.done(stats, self._clock()))
+            self._on_done(item.generation)
+        elif item.text is not None:
+            await self._text(item.text)
+
+    def _pacing_delay(self) -> float:
+        """Seconds until one more frame fits in the lead."""
+        return self.playhead + self.frame_s - self.lead_s - self._clock()
+
+    async def _wait_urgent(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._outbox.urgent.wait()
+        except TimeoutError:
+            pass
+
+    async def _audio(self, generation: int, packet: bytes) -> None:
+        now = self._clock()
+        # The wire carries [uint16 LE length][packet]; one packet per frame keeps barge-in drops exact.
+        await self._send_bytes(pack_packets([packet]))
+        self.playhead = max(self.playhead, now) + self.frame_s
+        stats = self.stats(generation)
+        stats.packets += 1
+        stats.audio_s += self.frame_s
+        if stats.first_audio_at is None:
+            stats.first_audio_at = now
+            self._on_first_audio(generation, now)
+
+    async def _text(self, text: str) -> None:
+        await self._send_text(text)
