@@ -5,16 +5,18 @@
 #   bash install.sh --cuda     force the CUDA build of torch
 #   bash install.sh --no-browser   skip Chromium and playwright-core (browser tests then skip)
 #   bash install.sh --no-ray   skip the optional Ray extra (distillation over a cluster; its test then skips)
+#   bash install.sh --no-reference   skip the CosyVoice2 reference venv (the parity tests then skip)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
-CUDA=0; BROWSER=1; RAY=1
+CUDA=0; BROWSER=1; RAY=1; REF=1
 for arg in "$@"; do
   case "$arg" in
     --cuda) CUDA=1 ;;
     --no-browser) BROWSER=0 ;;
     --no-ray) RAY=0 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    --no-reference) REF=0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -87,6 +89,11 @@ if [ "$BROWSER" = 1 ] && [ -f package.json ]; then
     npm install --no-audit --no-fund --silent >/dev/null
     touch node_modules/.install-stamp
   fi
+fi
+
+# --- CosyVoice2 reference environment (parity tests only; a separate venv under tmp/) --------------
+if [ "${REF:-1}" = 1 ]; then
+  bash tests/cosyvoice_ref/setup_env.sh | sed 's/^/[install] /'
 fi
 
 # --- embedded models -------------------------------------------------------------------------------

@@ -25,17 +25,19 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-mkdir -p tmp
 cfg() { "$PY" -c "from core.config import load_config; c = load_config(${CONFIG:+'$CONFIG'}); print($1)"; }
+# pid, status and log files live in service.log_dir (tmp/ by default)
+T=$(cfg c.service.log_dir)
+mkdir -p "$T"
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-stop_pidfile() {  # stop one process we started and wait for it (TERM, then KILL after 10 s)
+stop_pidfile() {  # stop one process we started and wait for it (TERM, then KILL after 20 s)
   local f=$1 pid
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
     echo "stopped $(basename "$f" .pid) (pid $pid)"
   fi
@@ -43,9 +45,9 @@ stop_pidfile() {  # stop one process we started and wait for it (TERM, then KILL
 }
 
 if [ "$STOP" = 1 ]; then
-  stop_pidfile tmp/gateway.pid
-  for f in tmp/worker_*.pid; do [ -e "$f" ] && stop_pidfile "$f"; done
-  rm -f tmp/worker_*.status
+  stop_pidfile $T/gateway.pid
+  for f in $T/worker_*.pid; do [ -e "$f" ] && stop_pidfile "$f"; done
+  rm -f $T/worker_*.status
   exit 0
 fi
 
@@ -66,16 +68,16 @@ fi
 
 # --- batch transcription -----------------------------------------------------------------------------
 if [ -n "$DISTILL" ]; then
-  OUTPUT=${OUTPUT:-tmp/distill.jsonl}
+  OUTPUT=${OUTPUT:-$T/distill.jsonl}
   pids=(); shards=()
   for i in $(seq 0 $((N - 1))); do
     shard="${OUTPUT%.jsonl}.shard${i}of${N}.jsonl"; shards+=("$shard")
     gpu=()
     [ ${#GPUS[@]} -gt 0 ] && gpu=(env CUDA_VISIBLE_DEVICES="${GPUS[$i]}")
     "${gpu[@]}" "$PY" worker.py --distill "$DISTILL" --output "$shard" --shard "$i/$N" \
-      ${BATCH:+--batch-size "$BATCH"} ${CONFIG:+--config "$CONFIG"} > "tmp/distill_${i}.log" 2>&1 &
+      ${BATCH:+--batch-size "$BATCH"} ${CONFIG:+--config "$CONFIG"} > "$T/distill_${i}.log" 2>&1 &
     pids+=($!)
-    echo "shard $i/$N -> $shard (log tmp/distill_${i}.log)"
+    echo "shard $i/$N -> $shard (log $T/distill_${i}.log)"
   done
   rc=0
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
@@ -85,35 +87,35 @@ if [ -n "$DISTILL" ]; then
 fi
 
 # --- workers -----------------------------------------------------------------------------------------
-if alive tmp/gateway.pid; then
-  echo "already running (gateway pid $(cat tmp/gateway.pid)); stop it with: bash start_all.sh --stop"; exit 1
+if alive $T/gateway.pid; then
+  echo "already running (gateway pid $(cat $T/gateway.pid)); stop it with: bash start_all.sh --stop"; exit 1
 fi
 BASE=$(cfg c.service.worker_base_port)
 GW_PORT=${PORT:-$(cfg c.service.gateway_port)}
 ADDRS=()
 for i in $(seq 0 $((N - 1))); do
   port=$((BASE + i)); ADDRS+=("127.0.0.1:$port")
-  alive "tmp/worker_$i.pid" && { echo "worker $i already running"; continue; }
+  alive "$T/worker_$i.pid" && { echo "worker $i already running"; continue; }
   args=(worker.py --worker-index "$i" --port "$port" $STACK)
   [ ${#GPUS[@]} -gt 0 ] && args+=(--gpu-id "${GPUS[$i]}")
   [ "$COMPILE" = 1 ] && args+=(--compile)
   [ -n "$CONFIG" ] && args+=(--config "$CONFIG")
-  nohup "$PY" -m core.server.supervisor --name "worker_$i" --status "tmp/worker_$i.status" -- \
-    "$PY" "${args[@]}" > "tmp/worker_$i.out" 2>&1 &
-  echo $! > "tmp/worker_$i.pid"
-  echo "worker $i starting on 127.0.0.1:$port (log tmp/worker_$i.log)"
+  nohup "$PY" -m core.server.supervisor --name "worker_$i" --status "$T/worker_$i.status" -- \
+    "$PY" "${args[@]}" > "$T/worker_$i.out" 2>&1 &
+  echo $! > "$T/worker_$i.pid"
+  echo "worker $i starting on 127.0.0.1:$port (log $T/worker_$i.log)"
 done
 
 wait_health() {  # url, name, pidfile, timeout_s
   local deadline=$(( $(date +%s) + $4 ))
   until curl -fsk -o /dev/null "$1"; do
-    if ! alive "$3"; then echo "$2 exited; last lines of its log:"; tail -n 20 "tmp/$2.out" "tmp/$2.log" 2>/dev/null; return 1; fi
-    [ "$(date +%s)" -lt "$deadline" ] || { echo "$2 not healthy after $4 s (see tmp/$2.log)"; return 1; }
+    if ! alive "$3"; then echo "$2 exited; last lines of its log:"; tail -n 20 "$T/$2.out" "$T/$2.log" 2>/dev/null; return 1; fi
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "$2 not healthy after $4 s (see $T/$2.log)"; return 1; }
     sleep 0.5
   done
 }
 for i in $(seq 0 $((N - 1))); do
-  wait_health "http://127.0.0.1:$((BASE + i))/health" "worker_$i" "tmp/worker_$i.pid" 900 || { bash "$0" --stop; exit 1; }
+  wait_health "http://127.0.0.1:$((BASE + i))/health" "worker_$i" "$T/worker_$i.pid" 900 || { bash "$0" --stop ${CONFIG:+--config "$CONFIG"}; exit 1; }
   echo "worker $i healthy"
 done
 
@@ -122,13 +124,13 @@ WORKERS=$(IFS=,; echo "${ADDRS[*]}")
 gw=(gateway.py --port "$GW_PORT" --workers "$WORKERS")
 [ "$HTTP" = 1 ] && gw+=(--http)
 [ -n "$CONFIG" ] && gw+=(--config "$CONFIG")
-nohup "$PY" "${gw[@]}" > tmp/gateway.out 2>&1 &
-echo $! > tmp/gateway.pid
+nohup "$PY" "${gw[@]}" > $T/gateway.out 2>&1 &
+echo $! > $T/gateway.pid
 SCHEME=https; [ "$HTTP" = 1 ] && SCHEME=http
-wait_health "$SCHEME://127.0.0.1:$GW_PORT/health" gateway tmp/gateway.pid 60 || { bash "$0" --stop; exit 1; }
+wait_health "$SCHEME://127.0.0.1:$GW_PORT/health" gateway $T/gateway.pid 60 || { bash "$0" --stop ${CONFIG:+--config "$CONFIG"}; exit 1; }
 
 echo
 echo "ready: open $SCHEME://localhost:$GW_PORT/ in a browser"
 for ip in $(hostname -I 2>/dev/null); do case "$ip" in *:*) ;; *) echo "       or $SCHEME://$ip:$GW_PORT/ from another device on this network";; esac; done
 [ "$SCHEME" = https ] && echo "       (self-signed certificate: accept the browser's warning once)"
-echo "logs:  tmp/gateway.log, tmp/worker_N.log   stop: bash start_all.sh --stop"
+echo "logs:  $T/gateway.log, $T/worker_N.log   stop: bash start_all.sh --stop"
