@@ -72,8 +72,11 @@ class ServiceConfig(_Section):
     eta_streaming_s: float = Field(20.0, gt=0)
     eta_audio_duplex_s: float = Field(120.0, gt=0)
     eta_transcribe_s: float = Field(10.0, gt=0)
+    eta_speech_s: float = Field(5.0, gt=0)
     eta_ema_alpha: float = Field(0.3, gt=0, le=1)
     eta_ema_min_samples: int = Field(3, ge=1)
+    jobs_keep_last: int = Field(1000, ge=0)  # transcription jobs kept; 0 keeps all
+    jobs_keep_days: float = Field(30.0, ge=0)  # days a finished job is kept; 0 keeps forever
 
 
 class DuplexConfig(_Section):

@@ -20,7 +20,7 @@ from core.scheduling.pool import (
     TicketCancelled,
 )
 
-BASE = {"chat": 10.0, "streaming": 20.0, "audio_duplex": 60.0, "transcribe": 5.0}
+BASE = {"chat": 10.0, "streaming": 20.0, "audio_duplex": 60.0, "transcribe": 5.0, "speech": 5.0}
 
 
 class FakeClock:

@@ -65,12 +65,17 @@ class ASR(Protocol):
 
     name: str
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Transcript:
-        """Transcribe one utterance; silence or noise gives an empty text, never invented words."""
+    def transcribe(
+        self, audio: np.ndarray, language: str | None = None, *, timestamps: bool = False
+    ) -> Transcript:
+        """Transcribe one utterance; silence or noise gives an empty text, never invented words.
+
+        With ``timestamps`` the transcript carries timed segments where the backend can make them.
+        """
         ...
 
     def transcribe_batch(
-        self, audios: Sequence[np.ndarray], language: str | None = None
+        self, audios: Sequence[np.ndarray], language: str | None = None, *, timestamps: bool = False
     ) -> list[Transcript]:
         """Transcribe several clips (each at most 30 s) in one batched forward pass."""
         ...

@@ -20,7 +20,7 @@ from typing import Any
 from core.config import ServiceConfig
 
 #: Request types the gateway queues; each has an ``eta_<type>_s`` baseline in ``ServiceConfig``.
-REQUEST_TYPES: tuple[str, ...] = ("chat", "streaming", "audio_duplex", "transcribe")
+REQUEST_TYPES: tuple[str, ...] = ("chat", "streaming", "audio_duplex", "transcribe", "speech")
 
 #: A worker past its expected duration still counts this fraction of it as left (capped below),
 #: so that it sorts after workers that are truly about to free but is never "free already".

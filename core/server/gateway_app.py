@@ -70,7 +70,10 @@ from core.scheduling.pool import (
     Worker,
 )
 from core.server.auth import ApiKeyMiddleware, resolve_api_key
+from core.server.jobs_api import JobService
 from core.server.metrics import GatewayMetrics
+from core.server.openai_api import openai_routes
+from core.server.realtime_bridge import realtime_route
 
 log = logging.getLogger("gateway")
 
@@ -848,24 +851,28 @@ def create_app(
         static_dir=Path(static_dir) if static_dir is not None else ROOT / "static",
         tls=tls,
     )
+    jobs = JobService(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         state.http = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_keepalive_connections=32))
         state.tasks = [asyncio.create_task(_health_loop(state)), asyncio.create_task(_tick_loop(state))]
+        await jobs.start()
         log.info(
             "gateway up: %d worker(s) %s, queue %d", len(workers), ", ".join(workers), service.max_queue_size
         )
         try:
             yield
         finally:
+            await jobs.stop()
             for task in state.tasks:
                 task.cancel()
             await asyncio.gather(*state.tasks, return_exceptions=True)
             await state.http.aclose()
 
     http_app = Starlette(
-        routes=_routes(state),
+        # the job, OpenAI and realtime routes come before the static catch-all of _routes
+        routes=[*jobs.routes(), *openai_routes(state), realtime_route(state), *_routes(state)],
         exception_handlers={StarletteHTTPException: _http_error, Exception: _crash},
         lifespan=lifespan,
     )

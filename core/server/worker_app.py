@@ -35,7 +35,9 @@ from core.audio.opus import OpusDecoder, OpusEncoder
 from core.config import Config
 from core.models.base import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
 from core.protocol import ErrorCode, error_event
+from core.server.realtime_worker import realtime_router
 from core.server.ref_audio_routes import build_ref_audio_router, connect_voices
+from core.server.speech_routes import speech_router
 from core.session.duplex import DuplexSession
 from core.session.executor import device_executor
 from core.session.text import SentenceChunker
@@ -205,7 +207,7 @@ def _chat_blocking(
 
 
 def _transcribe_blocking(stack: ModelStack, audio: np.ndarray, language: str | None) -> dict[str, Any]:
-    result = stack.asr.transcribe(audio, language=language)
+    result = stack.asr.transcribe(audio, language=language, timestamps=True)
     return {
         "text": result.text,
         "language": result.language,
@@ -228,6 +230,9 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
             voices, lambda: state.stack.tts if state.stack else None, executor=state.executor
         )
     )
+
+    app.include_router(speech_router())
+    app.include_router(realtime_router())
 
     @app.on_event("startup")
     async def _start() -> None:

@@ -1,0 +1,337 @@
+"""HTTP helpers shared by the gateway's API modules (jobs, OpenAI-compatible endpoints).
+
+- :func:`take_ticket` and :func:`worker_response`: one request to a worker through the ETA queue. The
+  ticket waits for a worker; a worker that refuses (``409`` busy while it tears down a session, retried
+  briefly; ``503`` loading) or cannot be reached hands the ticket back to the head of the queue, at most
+  ``MAX_ATTEMPTS`` times; the lease is released exactly once, however the caller's block ends.
+- :func:`read_upload`: a multipart upload read with a size limit, before anything is parsed.
+- :class:`ClosingStream`: a streaming response that runs a clean-up even when it never started.
+
+No audio or model library here: this runs in the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from core.protocol import ErrorCode
+from core.scheduling.eta import WorkerLoad, ticket_etas
+from core.scheduling.pool import Lease, Outcome, Pool, QueueFull, QueueTimeout, Ticket, TicketCancelled
+
+if TYPE_CHECKING:
+    from core.server.gateway_app import GatewayState
+
+#: Back-off while a worker still tears down the previous session and answers 409 busy.
+BUSY_RETRY_DELAYS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
+#: A ticket handed back this many times by refusing workers fails with ``worker_lost``.
+MAX_ATTEMPTS = 3
+CONNECT_TIMEOUT_S = 5.0
+#: Multipart overhead allowed on top of the file size limit.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+class CallFailed(Exception):
+    """A queued worker call that could not be served; carries the HTTP status and a stable code."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        """``Retry-After`` when there is one."""
+        return None if self.retry_after_s is None else {"Retry-After": str(int(max(1, self.retry_after_s)))}
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def take_ticket(pool: Pool, kind: str) -> Ticket:
+    """Queue a request of ``kind``; :class:`CallFailed` (503) when the queue is full."""
+    try:
+        return pool.submit(kind)
+    except QueueFull as full:
+        raise CallFailed(503, ErrorCode.QUEUE_FULL.value, str(full), full.retry_after_s) from None
+
+
+def new_ticket_eta(pool: Pool, kind: str) -> float:
+    """Seconds a request of ``kind`` submitted now would wait for a worker (the queue's own simulation)."""
+    now = pool.clock()
+    loads = [
+        WorkerLoad(w.healthy)
+        if w.lease is None
+        else WorkerLoad(w.healthy, pool.durations.expected(w.lease.ticket.kind), now - w.lease.started_at)
+        for w in pool.workers
+    ]
+    waiting = [pool.durations.expected(t.kind) for t in pool.waiting()]
+    return ticket_etas(loads, [*waiting, pool.durations.expected(kind)])[-1]
+
+
+def kind_or(pool: Pool, preferred: str, fallback: str) -> str:
+    """``preferred`` when the ETA model knows that request type, else ``fallback``."""
+    return preferred if preferred in pool.durations.settings.baselines else fallback
+
+
+Prepare = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@contextlib.asynccontextmanager
+async def worker_response(
+    state: GatewayState,
+    ticket: Ticket,
+    path: str,
+    prepare: Prepare,
+    *,
+    stream: bool = False,
+    on_lease: Callable[[Lease], Awaitable[None]] | None = None,
+) -> AsyncIterator[httpx.Response]:
+    """Wait for ``ticket``'s worker and POST to its ``path``; yield the response (body unread when ``stream``).
+
+    ``prepare`` builds the httpx request arguments (``content``/``json``/``files``/``data``/``headers``)
+    once a worker is assigned, so queued requests hold no body. Raises :class:`CallFailed` when no worker
+    serves the request; the ticket is withdrawn and the lease released when the block exits.
+    """
+    pool = state.pool
+    try:
+        response, lease = await _send(state, ticket, path, prepare, stream, on_lease)
+        outcome: Outcome = "completed"
+        try:
+            yield response
+        except httpx.HTTPError as exc:  # the worker's stream broke mid-body: it died
+            outcome = "worker_lost"
+            raise CallFailed(
+                502, ErrorCode.WORKER_LOST.value, f"the worker stopped mid-reply ({exc.__class__.__name__})"
+            ) from None
+        except asyncio.CancelledError:
+            outcome = "client_left"
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            await response.aclose()
+            lease.release(outcome)
+    finally:
+        pool.cancel(ticket)  # withdraws a ticket still waiting; no-op once released
+
+
+async def _send(
+    state: GatewayState,
+    ticket: Ticket,
+    path: str,
+    prepare: Prepare,
+    stream: bool,
+    on_lease: Callable[[Lease], Awaitable[None]] | None,
+) -> tuple[httpx.Response, Lease]:
+    pool = state.pool
+    while True:
+        try:
+            lease = await pool.wait_assigned(ticket)
+        except QueueTimeout as exc:
+            raise CallFailed(503, ErrorCode.QUEUE_TIMEOUT.value, str(exc), pool.retry_after_s()) from None
+        except TicketCancelled:
+            raise CallFailed(499, ErrorCode.SESSION_CLOSED.value, "the request was withdrawn") from None
+        if on_lease is not None:
+            await on_lease(lease)
+        try:
+            return await _post(state, lease, path, await prepare(), stream), lease
+        except _Unreachable as exc:
+            pool.mark_down(lease.worker, str(exc))
+        except _Refused as exc:
+            pool.mark_refusing(lease.worker, str(exc))
+        except httpx.TimeoutException:
+            lease.release("error")
+            limit = state.config.service.request_timeout
+            raise CallFailed(
+                504, ErrorCode.WORKER_LOST.value, f"the worker did not answer within {limit:g} s"
+            ) from None
+        except httpx.HTTPError as exc:
+            lease.release("worker_lost")
+            raise CallFailed(
+                502, ErrorCode.WORKER_LOST.value, f"the worker stopped mid-request ({exc.__class__.__name__})"
+            ) from None
+        except BaseException:
+            lease.release("error")
+            raise
+        if ticket.attempts + 1 >= MAX_ATTEMPTS:
+            lease.release("refused")
+            raise CallFailed(
+                502,
+                ErrorCode.WORKER_LOST.value,
+                f"no worker would take the request after {MAX_ATTEMPTS} tries",
+            )
+        pool.requeue(ticket)
+
+
+async def _post(
+    state: GatewayState, lease: Lease, path: str, kwargs: dict[str, Any], stream: bool
+) -> httpx.Response:
+    assert state.http is not None, "the gateway's lifespan has not started"
+    timeout = httpx.Timeout(state.config.service.request_timeout, connect=CONNECT_TIMEOUT_S)
+    url = f"http://{lease.worker.address}{path}"
+    for delay in (*BUSY_RETRY_DELAYS_S, None):
+        request = state.http.build_request("POST", url, timeout=timeout, **kwargs)
+        try:
+            response = await state.http.send(request, stream=stream)
+        except httpx.ConnectError as exc:
+            raise _Unreachable(f"cannot connect ({exc.__class__.__name__})") from None
+        if response.status_code == 503:
+            await response.aclose()
+            raise _Refused("loading")
+        if response.status_code != 409:
+            return response
+        await response.aclose()
+        if delay is None:
+            raise _Refused("busy_external")
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``; cancel it when the client disconnects first (then return None: nobody reads it)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return task.result() if task.done() else None
+    finally:
+        for t in (task, watch):
+            t.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # Once the body is read, the next ASGI message is http.disconnect when the client leaves.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+class UploadError(Exception):
+    """An upload that cannot be accepted: ``status`` 400 or 413."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+
+@dataclass
+class Upload:
+    """A parsed multipart upload: the file's bytes and name, and the text fields (repeatable)."""
+
+    data: bytes
+    filename: str | None
+    fields: dict[str, list[str]] = field(default_factory=dict)
+
+    def get(self, name: str) -> str | None:
+        """The last value of a text field, or None."""
+        values = self.fields.get(name)
+        return values[-1] if values else None
+
+
+async def read_upload(request: Request, max_bytes: int, file_fields: tuple[str, ...] = ("file",)) -> Upload:
+    """Read a multipart body (at most ``max_bytes`` of file plus form overhead) and parse it.
+
+    Raises :class:`UploadError`: 413 past the limit (checked on ``Content-Length`` first, then while
+    reading, and on the file itself), 400 for a body that is not multipart or has no file.
+    """
+    limit_mb = max_bytes / (1024 * 1024)
+    too_large = UploadError(
+        413, ErrorCode.PAYLOAD_TOO_LARGE.value, f"the upload is over {limit_mb:g} MB", "file"
+    )
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UploadError(
+            400, ErrorCode.INVALID_EVENT.value, "send multipart/form-data with a 'file' part", "file"
+        )
+    declared = request.headers.get("content-length", "")
+    limit = max_bytes + FORM_OVERHEAD_BYTES
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    try:
+        form = await Request(request.scope, _replay(body)).form(max_files=len(file_fields), max_fields=64)
+    except Exception as exc:  # starlette raises its own HTTPException/MultiPartException on a bad body
+        raise UploadError(
+            400, ErrorCode.INVALID_EVENT.value, f"malformed multipart body: {exc}", None
+        ) from None
+    try:
+        upload: UploadFile | None = None
+        fields: dict[str, list[str]] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(key, []).append(value)
+            elif key in file_fields and upload is None:
+                upload = value
+        if upload is None:
+            raise UploadError(
+                400, ErrorCode.BAD_AUDIO.value, "no audio: send the file in a 'file' part", "file"
+            )
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise too_large
+        if not data:
+            raise UploadError(400, ErrorCode.BAD_AUDIO.value, "the uploaded file is empty", "file")
+        return Upload(data, upload.filename, fields)
+    finally:
+        await form.close()
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def upstream_query(query: str) -> str:
+    """A query string minus ``api_key`` (workers need no key and must not log it)."""
+    pairs = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k != "api_key"]
+    return ("?" + urllib.parse.urlencode(pairs)) if pairs else ""
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class ClosingStream(StreamingResponse):
+    """A streaming response whose ``on_close`` runs once the response ends, also when it never started."""
+
+    def __init__(
+        self, content: AsyncIterator[Any], on_close: Callable[[], Awaitable[None]], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
