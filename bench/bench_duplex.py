@@ -1,0 +1,251 @@
+"""Duplex engine benchmark: what the session itself adds to a turn, and how fast a barge-in clears.
+
+    .venv/bin/python bench/bench_duplex.py --fake [--turns 50]
+
+A client in the same process streams 20 ms Opus packets in real time into a ``DuplexSession`` (no
+socket; every event and packet is timestamped when the session hands it to ``send_text`` /
+``send_bytes``). With ``--fake`` the models are scripted fakes with zero latency, so what is measured
+is the engine: receive, Opus decode, VAD, segmenter, the executor hops of ASR, LLM and TTS, the
+chunker, Opus encode and the sender.
+
+- *engine overhead*: first reply packet out minus the moment the endpoint could first be known: the
+  send time of the input frame that carries the sample ``speech end + endpoint_silence_ms``, where
+  speech end is what the session's VAD reported (``speech_stopped.audio_end_ms``). VAD windows are
+  32 ms and Opus adds a few ms of codec delay, so the detected end lies up to a window after the true
+  end; that granularity is the VAD's, not the engine's, and is shown separately in the "naive" row
+  (first packet minus (last voiced frame sent + endpoint_silence_ms)).
+- *barge-in latency*: the ``response.output_audio.clear`` event minus the send time of the first input
+  frame that completes ``barge_in_min_speech_ms`` of speech.
+
+Every turn after the first starts with a barge-in: the user speaks 0.3 s into the reply, the reply is
+cleared, and that utterance's own reply is the next turn measured. Speech starts on 160 ms boundaries
+(a multiple of both the 20 ms frame and the 32 ms VAD window) so the reference samples are exact.
+
+``run_bench(stack, config, ...)`` takes any ``ModelStack``: the embedded stack plugs in there (it needs
+real speech for ``speech``, e.g. ``tests.speech.espeak``). Ends with
+``RESULT overhead_p95_ms=... bargein_p95_ms=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.audio.framing import pack_packets
+from core.audio.opus import OpusEncoder
+from core.config import Config
+from core.models.base import ModelStack
+from core.models.fake import build_fake_stack
+from core.session.duplex import DuplexSession
+from core.session.executor import device_executor
+
+SR = 16_000
+FRAME = 320
+ALIGN = 2560  # 160 ms: whole frames and whole VAD windows
+REPLY = "Sure, here is a fairly long answer that keeps on talking for a few seconds."
+
+
+@dataclass
+class Wire:
+    """What the session sent, with monotonic times."""
+
+    events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    audio: list[float] = field(default_factory=list)
+
+    async def send_text(self, text: str) -> None:
+        self.events.append((time.monotonic(), json.loads(text)))
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.audio.append(time.monotonic())
+
+    def of(self, kind: str) -> list[tuple[float, dict[str, Any]]]:
+        return [(t, e) for t, e in self.events if e["type"] == kind]
+
+
+class Client:
+    """Streams audio in real time, one 20 ms packet per frame, and remembers when each frame was sent."""
+
+    def __init__(self, session: DuplexSession) -> None:
+        self.session = session
+        self.encoder = OpusEncoder(SR, bitrate=24_000)
+        self.sent: list[float] = []  # send time of frame k (samples [320k, 320k + 320))
+        self._t0 = 0.0
+
+    @property
+    def position(self) -> int:
+        return len(self.sent) * FRAME
+
+    def frame_time(self, sample: int) -> float:
+        """When the frame carrying ``sample`` was sent."""
+        return self.sent[sample // FRAME]
+
+    async def play(self, audio: np.ndarray) -> None:
+        if not self.sent:
+            self._t0 = time.monotonic()
+        for i in range(0, len(audio), FRAME):
+            due = self._t0 + (len(self.sent) + 1) * FRAME / SR  # a frame leaves once it is captured
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            packets = self.encoder.encode(audio[i : i + FRAME])
+            self.sent.append(time.monotonic())
+            for packet in packets:
+                await self.session.on_binary(pack_packets([packet]))
+
+    async def silence_until(self, done: Callable[[], bool], limit_s: float = 30.0) -> None:
+        for _ in range(int(limit_s * SR / FRAME)):
+            if done():
+                return
+            await self.play(np.zeros(FRAME, np.float32))
+        raise RuntimeError("the session did not answer in time")
+
+    async def align(self) -> None:
+        await self.play(np.zeros(-self.position % ALIGN, np.float32))
+
+
+def tone(seconds: float) -> np.ndarray:
+    t = np.arange(round(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+
+
+@dataclass
+class Results:
+    overhead_ms: list[float] = field(default_factory=list)
+    naive_ms: list[float] = field(default_factory=list)
+    v2v_ms: list[float] = field(default_factory=list)
+    bargein_ms: list[float] = field(default_factory=list)
+
+
+async def _measure_turn(
+    client: Client, wire: Wire, config: Config, speech_end_sample: int, res: Results
+) -> None:
+    """Wait for the reply to the utterance just spoken and note its overhead."""
+    replies = len(wire.of("response.created"))
+    await client.silence_until(
+        lambda: len(wire.of("response.created")) > replies and bool(_audio_after(wire))
+    )
+    first_packet = _audio_after(wire)[0]
+    stopped = wire.of("input_audio_buffer.speech_stopped")[-1][1]
+    endpoint = config.duplex.endpoint_silence_ms * SR // 1000
+    reference = client.frame_time(stopped["audio_end_ms"] * SR // 1000 + endpoint - 1)
+    res.overhead_ms.append((first_packet - reference) * 1000)
+    naive = client.frame_time(speech_end_sample - 1) + config.duplex.endpoint_silence_ms / 1000
+    res.naive_ms.append((first_packet - naive) * 1000)
+
+
+def _audio_after(wire: Wire) -> list[float]:
+    created = wire.of("response.created")
+    return [t for t in wire.audio if created and t >= created[-1][0]]
+
+
+async def _barge_in(client: Client, wire: Wire, config: Config, speech: np.ndarray, res: Results) -> int:
+    """Speak into the reply; note the clear latency; return the end sample of the utterance."""
+    clears = len(wire.of("response.output_audio.clear"))
+    await client.align()
+    start = client.position
+    await client.play(speech)
+    await client.silence_until(lambda: len(wire.of("response.output_audio.clear")) > clears, limit_s=5)
+    t_clear = wire.of("response.output_audio.clear")[-1][0]
+    need = config.duplex.barge_in_min_speech_ms * SR // 1000
+    res.bargein_ms.append((t_clear - client.frame_time(start + need - 1)) * 1000)
+    return start + len(speech)
+
+
+async def run_bench(stack: ModelStack, config: Config, *, turns: int, speech: np.ndarray) -> Results:
+    """Run ``turns`` measured turns (each after the first opened by a barge-in) against ``stack``."""
+    wire, res = Wire(), Results()
+    session = DuplexSession(
+        stack, config, "bench", wire.send_text, wire.send_bytes, executor=device_executor(stack.device)
+    )
+    runner = asyncio.create_task(session.run())
+    client = Client(session)
+    await client.play(np.zeros(ALIGN, np.float32))
+    await client.play(speech)
+    end = client.position
+    for i in range(turns):
+        await _measure_turn(client, wire, config, end, res)
+        if i == turns - 1:
+            break
+        await client.play(np.zeros(int(0.3 * SR), np.float32))  # let the reply play a little
+        end = await _barge_in(client, wire, config, speech, res)
+    await client.silence_until(lambda: len(wire.of("response.done")) >= turns)
+    await session.close("bench_done")
+    await runner
+    res.v2v_ms = [
+        e["timings"]["voice_to_voice_ms"]
+        for _, e in wire.of("response.done")
+        if e["timings"].get("voice_to_voice_ms") is not None
+    ]
+    return res
+
+
+def _row(name: str, values: list[float]) -> str:
+    if not values:
+        return f"| {name} | 0 | - | - | - |"
+    q = statistics.quantiles(values, n=20, method="inclusive") if len(values) > 1 else [values[0]] * 19
+    return f"| {name} | {len(values)} | {statistics.median(values):.2f} | {q[18]:.2f} | {max(values):.2f} |"
+
+
+def p95(values: list[float]) -> float:
+    """95th percentile (inclusive method), or NaN without values."""
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=20, method="inclusive")[18]
+
+
+def report(res: Results, config: Config) -> str:
+    d = config.duplex
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        f"duplex engine benchmark on {platform.machine()}, {os.cpu_count()} CPUs, load average {load}, "
+        f"python {platform.python_version()}; endpoint {d.endpoint_silence_ms} ms, "
+        f"barge-in {d.barge_in_min_speech_ms} ms, playback delay {config.audio.playback_delay_ms} ms",
+        "",
+        "| metric (ms) | n | p50 | p95 | max |",
+        "| --- | --- | --- | --- | --- |",
+        _row("engine overhead (first packet - endpoint frame sent)", res.overhead_ms),
+        _row("naive overhead (incl. VAD window + codec delay)", res.naive_ms),
+        _row("voice-to-voice incl. endpoint (response.done)", res.v2v_ms),
+        _row("barge-in latency (clear - frame completing min speech)", res.bargein_ms),
+        "",
+        f"RESULT overhead_p95_ms={p95(res.overhead_ms):.2f} bargein_p95_ms={p95(res.bargein_ms):.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def fake_stack() -> ModelStack:
+    """Zero-latency scripted models (real time)."""
+    return build_fake_stack(transcript="tell me something", reply=REPLY)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fake", action="store_true", help="zero-latency fake models (the default)")
+    parser.add_argument("--stack", choices=["fake", "embedded"], default="fake")
+    parser.add_argument("--turns", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.stack != "fake" and not args.fake:
+        print("--stack embedded: call run_bench(build_stack(config), config, speech=...) (not wired yet)")
+        return 2
+    config = Config()
+    res = asyncio.run(run_bench(fake_stack(), config, turns=args.turns, speech=tone(0.48)))
+    print(report(res, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
