@@ -28,7 +28,13 @@ def model(alpha: float = 0.5, min_samples: int = 3) -> DurationModel:
 
 def test_settings_come_from_the_service_config() -> None:
     s = EtaSettings.from_config(ServiceConfig(eta_chat_s=7, eta_ema_alpha=0.25, eta_ema_min_samples=5))
-    assert s.baselines == {"chat": 7.0, "streaming": 20.0, "audio_duplex": 120.0, "transcribe": 10.0, "speech": 5.0}
+    assert s.baselines == {
+        "chat": 7.0,
+        "streaming": 20.0,
+        "audio_duplex": 120.0,
+        "transcribe": 10.0,
+        "speech": 5.0,
+    }
     assert (s.alpha, s.min_samples) == (0.25, 5)
     assert set(s.baselines) == set(REQUEST_TYPES)
 
