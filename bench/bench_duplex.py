@@ -34,7 +34,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
+import soxr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -126,6 +130,7 @@ class Results:
     naive_ms: list[float] = field(default_factory=list)
     v2v_ms: list[float] = field(default_factory=list)
     bargein_ms: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)
 
 
 async def _measure_turn(
@@ -183,12 +188,16 @@ async def run_bench(stack: ModelStack, config: Config, *, turns: int, speech: np
     await client.silence_until(lambda: len(wire.of("response.done")) >= turns)
     await session.close("bench_done")
     await runner
-    res.v2v_ms = [
-        e["timings"]["voice_to_voice_ms"]
-        for _, e in wire.of("response.done")
-        if e["timings"].get("voice_to_voice_ms") is not None
-    ]
+    done = [e["timings"] for _, e in wire.of("response.done") if e["status"] == "completed"]
+    done += [e["timings"] for _, e in wire.of("response.done") if e["status"] != "completed"]
+    res.v2v_ms = [t["voice_to_voice_ms"] for t in done if t.get("voice_to_voice_ms") is not None]
+    for key in STAGES:
+        res.stages[key] = [t[key] for t in done if t.get(key) is not None]
     return res
+
+
+#: Per-stage timings of response.done, in the order of the cascade.
+STAGES = ("endpoint_ms", "asr_ms", "llm_first_token_ms", "first_sentence_ms", "tts_first_audio_ms")
 
 
 def _row(name: str, values: list[float]) -> str:
@@ -205,7 +214,7 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[18]
 
 
-def report(res: Results, config: Config) -> str:
+def report(res: Results, config: Config, stack_name: str = "fake") -> str:
     d = config.duplex
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
@@ -219,8 +228,11 @@ def report(res: Results, config: Config) -> str:
         _row("naive overhead (incl. VAD window + codec delay)", res.naive_ms),
         _row("voice-to-voice incl. endpoint (response.done)", res.v2v_ms),
         _row("barge-in latency (clear - frame completing min speech)", res.bargein_ms),
+        *[_row(f"stage: {key}", res.stages.get(key, [])) for key in STAGES],
         "",
-        f"RESULT overhead_p95_ms={p95(res.overhead_ms):.2f} bargein_p95_ms={p95(res.bargein_ms):.2f}",
+        f"RESULT overhead_p95_ms={p95(res.overhead_ms):.2f} bargein_p95_ms={p95(res.bargein_ms):.2f} "
+        f"v2v_p50_ms={statistics.median(res.v2v_ms) if res.v2v_ms else float('nan'):.1f} "
+        f"v2v_p95_ms={p95(res.v2v_ms):.1f} stack={stack_name}",
     ]
     return "\n".join(lines)
 
@@ -234,17 +246,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--fake", action="store_true", help="zero-latency fake models (the default)")
-    parser.add_argument("--stack", choices=["fake", "embedded"], default="fake")
-    parser.add_argument("--turns", type=int, default=50)
+    parser.add_argument("--fake", action="store_true", help="zero-latency fake models (engine overhead)")
+    parser.add_argument("--stack", choices=["fake", "embedded", "production"], default="embedded")
+    parser.add_argument("--turns", type=int, default=None, help="default 50 with --fake, 10 otherwise")
     args = parser.parse_args(argv)
-    if args.stack != "fake" and not args.fake:
-        print("--stack embedded: call run_bench(build_stack(config), config, speech=...) (not wired yet)")
-        return 2
-    config = Config()
-    res = asyncio.run(run_bench(fake_stack(), config, turns=args.turns, speech=tone(0.48)))
-    print(report(res, config))
+    name = "fake" if args.fake else args.stack
+    if name == "fake":
+        config = Config()
+        res = asyncio.run(run_bench(fake_stack(), config, turns=args.turns or 50, speech=tone(0.48)))
+    else:
+        from core.models.registry import build_stack
+
+        config = Config.model_validate({"model": {"stack": name, "temperature": 0.0, "max_new_tokens": 60}})
+        stack = build_stack(config)
+        stack.warmup()
+        res = asyncio.run(run_bench(stack, config, turns=args.turns or 10, speech=spoken_question()))
+    print(report(res, config, name))
     return 0
+
+
+def spoken_question(text: str = "What is the capital of France?") -> np.ndarray:
+    """A spoken question (espeak-ng, British voice) at 16 kHz."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "q.wav"
+        subprocess.run(["espeak-ng", "-v", "en-gb", "-s", "150", "-w", str(wav), text], check=True)
+        audio, rate = sf.read(wav, dtype="float32")
+    return np.asarray(soxr.resample(audio, rate, SR), dtype=np.float32)
 
 
 if __name__ == "__main__":

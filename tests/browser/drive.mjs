@@ -136,6 +136,8 @@ const scenarios = {
     const after = await shown(second);
     await first.click("#hangup");
     await waitStats(second, () => window.duplexStats.state === "live");
+    // The two pages hear about the hang-up on different sockets: wait for the first page's own close.
+    await waitStats(first, () => window.duplexStats.state === "closed");
     return { before, after, firstAfterHangup: await first.textContent("#state"), secondLive: await shown(second) };
   },
 
