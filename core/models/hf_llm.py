@@ -21,48 +21,16 @@ from typing import Any
 import torch
 
 from core.models.base import CancelToken, ChatMessage, NeverCancel
+from core.models.device import resolve_attention, resolve_device, resolve_dtype
 
 ROLES = ("system", "user", "assistant")
 # End-of-turn markers of the common chat formats: stopping on them too guards against a generation config
 # that names only the end-of-text token.
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class LLMError(RuntimeError):
     """An LLM that cannot be loaded, or a request it cannot serve (bad messages, prompt too long)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise LLMError(f"unknown device '{device}'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LLMError(f"device '{device}' asked for, but CUDA is not available")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on CUDA, fp32 on the CPU (where bf16 matmuls are slow or emulated)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise LLMError(f"unknown dtype '{dtype}' (expected auto, {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
-
-
-def resolve_attention(attn_implementation: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` -> flash_attention_2 when installed and usable (CUDA, half precision), else sdpa."""
-    if attn_implementation != "auto":
-        return attn_implementation
-    from transformers.utils import is_flash_attn_2_available
-
-    half = dtype in (torch.float16, torch.bfloat16)
-    return "flash_attention_2" if device.type == "cuda" and half and is_flash_attn_2_available() else "sdpa"
 
 
 @dataclass(frozen=True)
@@ -186,8 +154,8 @@ class TransformersLLM:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device, error=LLMError)
+        self.dtype = resolve_dtype(dtype, self.device, error=LLMError)
         self.attn_implementation = resolve_attention(attn_implementation, self.device, self.dtype)
         self.sampling = Sampling(temperature=temperature, top_p=top_p, greedy=greedy)
         self.name = name or f"transformers:{Path(str(path)).name or path}"

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from core.models.base import INPUT_SAMPLE_RATE, Segment, Transcript
+from core.models.device import resolve_attention, resolve_device, resolve_dtype
 
 #: Longest clip one Whisper window holds.
 MAX_CLIP_S = 30.0
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ASRError(ValueError):
@@ -46,40 +46,6 @@ class Guards:
     compression_ratio_threshold: float = 2.4  # OpenAI's default: above it the text is a repetition loop
     tokens_per_second: float = 10.0  # fast speech is ~5 tokens/s; the cap only ends runaway loops
     min_repeats: int = 3  # a word sequence this many times in a row is a loop
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ASRError(f"unknown device '{device}'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ASRError(f"device '{device}' asked for, but CUDA is not available")
-    return resolved
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on CUDA GPUs that have it, else fp16 there; fp32 on the CPU."""
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in _DTYPES:
-        raise ASRError(f"unknown dtype '{dtype}' (expected auto, {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
-
-
-def resolve_attention(attn_implementation: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` -> flash_attention_2 when installed and usable (CUDA, half precision), else sdpa."""
-    if attn_implementation != "auto":
-        return attn_implementation
-    from transformers.utils import is_flash_attn_2_available
-
-    half = dtype in (torch.float16, torch.bfloat16)
-    return "flash_attention_2" if device.type == "cuda" and half and is_flash_attn_2_available() else "sdpa"
 
 
 def compression_ratio(text: str) -> float:
@@ -145,8 +111,8 @@ class WhisperASR:
     ) -> None:
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device, error=ASRError)
+        self.dtype = resolve_dtype(dtype, self.device, error=ASRError)
         self.attn_implementation = resolve_attention(attn_implementation, self.device, self.dtype)
         self.guards = guards or Guards()
         self.name = f"whisper:{Path(str(path)).name}"

