@@ -15,15 +15,20 @@ in interleaved rounds and each keeps its best pass, so that a burst of load from
 shared machine does not land on one system only. The language is
 fixed to English for all, so no one pays for detection. Throughput is audio seconds per wall second over
 the whole set; WER is over the concatenated transcripts (lower case, no punctuation). GPU rows run only
-where CUDA is available.
+where CUDA is available; there also our pipeline runs a random-weight Whisper of the large-v3-turbo size
+(``bench/random_stack.py``: the end-of-text row is zeroed, so every batch decodes a fixed length, 4
+tokens per second of its longest clip + 16; its WER is meaningless). ``--turbo-scale tiny`` runs that row
+at a tiny size on the CPU (a smoke test of the code path, not a measurement).
 
-Usage: ``.venv/bin/python bench/bench_distill.py [--files N] [--batch B] [--rounds R] [--threads T]``.
+Usage: ``.venv/bin/python bench/bench_distill.py [--files N] [--batch B] [--rounds R] [--threads T]
+[--turbo-scale tiny|full]``.
 Prints a table, then one ``RESULT`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -154,6 +159,19 @@ def faster_whisper(model_dir: Path, compute_type: str, batch: int, threads: int,
     return lambda samples: {s.id: one(s.path) for s in samples}
 
 
+def random_turbo(tmp: Path, scale: str, device: str) -> object:
+    """A ``WhisperASR`` over random weights of the large-v3-turbo size, decoding a fixed length."""
+    from random_stack import BENCH_GUARDS, random_whisper_dir
+
+    from core.models.whisper import WhisperASR
+
+    folder = random_whisper_dir(
+        "whisper-large-v3-turbo", tmp / "turbo", "tiny" if scale == "tiny" else "full"
+    )
+    guards = dataclasses.replace(BENCH_GUARDS, tokens_per_second=4.0)
+    return WhisperASR(folder, device=device, guards=guards)
+
+
 def measure(systems: dict[tuple[str, str, str], System], samples: list[Sample], rounds: int) -> list[Row]:
     """Warm each system up, then time whole passes in interleaved rounds; the best pass of each counts."""
     for system in systems.values():
@@ -179,6 +197,12 @@ def main() -> int:
         "--rounds", type=int, default=2, help="interleaved timed passes; best kept (default 2)"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per model")
+    parser.add_argument(
+        "--turbo-scale",
+        choices=["tiny", "full"],
+        default="full",
+        help="random large-v3-turbo row: full size on CUDA only, or tiny on the CPU",
+    )
     args = parser.parse_args()
 
     import torch
@@ -209,6 +233,13 @@ def main() -> int:
             systems[("ours: one file at a time", "cuda", one_label)] = ours(gpu_asr, single)
             key = ("faster-whisper batched (float16)", "cuda", str(args.batch))
             systems[key] = faster_whisper(ct2, "float16", args.batch, args.threads, "cuda")
+        turbo = gpu or args.turbo_scale == "tiny"
+        if turbo:
+            device = "cuda" if gpu else "cpu"
+            label = f"ours: random large-v3-turbo ({args.turbo_scale})"
+            systems[(label, device, str(args.batch))] = ours(
+                random_turbo(tmp, args.turbo_scale if gpu else "tiny", device), batched
+            )
         rows = measure(systems, samples, args.rounds)
 
     audio = rows[0].audio_s
@@ -232,15 +263,18 @@ def main() -> int:
             "ours: distill pipeline",
             "ours: one file at a time",
             "faster-whisper batched (float16)",
+            "ours: random large-v3-turbo (full)",
         ):
             print(f"| {system:<36} | {'cuda':<6} | {'-':<16} | {'not measured (no GPU)':>31} |")
+    turbo_row = next((r for r in rows if "turbo" in r.system), None)
     mine, one, fw32, fw8 = rows[:4]
     print(
         f"RESULT ours_batched_aps={mine.audio_per_s:.2f} one_at_a_time_aps={one.audio_per_s:.2f} "
         f"faster_whisper_f32_aps={fw32.audio_per_s:.2f} faster_whisper_int8_aps={fw8.audio_per_s:.2f} "
         f"speedup_vs_one_at_a_time={mine.audio_per_s / one.audio_per_s:.2f}x "
         f"wer_ours={mine.wer:.3f} wer_one={one.wer:.3f} wer_fw_f32={fw32.wer:.3f} wer_fw_int8={fw8.wer:.3f} "
-        f"gpu={'measured' if gpu else 'not_measured'}"
+        f"gpu={'measured' if gpu else 'not_measured'} "
+        f"turbo_random_aps={'na' if turbo_row is None else f'{turbo_row.audio_per_s:.2f}'}"
     )
     return 0
 

@@ -247,13 +247,24 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--fake", action="store_true", help="zero-latency fake models (engine overhead)")
-    parser.add_argument("--stack", choices=["fake", "embedded", "production"], default="embedded")
+    parser.add_argument(
+        "--stack", choices=["fake", "embedded", "production", "random-production"], default="embedded"
+    )
+    parser.add_argument(
+        "--scale",
+        choices=["tiny", "full"],
+        default="full",
+        help="random-production only: production sizes (GPU) or a tiny CPU smoke size",
+    )
     parser.add_argument("--turns", type=int, default=None, help="default 50 with --fake, 10 otherwise")
     args = parser.parse_args(argv)
     name = "fake" if args.fake else args.stack
     if name == "fake":
         config = Config()
         res = asyncio.run(run_bench(fake_stack(), config, turns=args.turns or 50, speech=tone(0.48)))
+    elif name == "random-production":
+        res, config = _random_production(args.scale, args.turns or 10)
+        name = f"random-production-{args.scale}"
     else:
         from core.models.registry import build_stack
 
@@ -263,6 +274,25 @@ def main(argv: list[str] | None = None) -> int:
         res = asyncio.run(run_bench(stack, config, turns=args.turns or 10, speech=spoken_question()))
     print(report(res, config, name))
     return 0
+
+
+def _random_production(scale: str, turns: int) -> tuple[Results, Config]:
+    """Whisper medium + Qwen2.5-7B + CosyVoice2-0.5B with random weights (``bench/random_stack.py``).
+
+    Random weights never stop on their own: the reply is ``max_new_tokens`` long and Whisper decodes a
+    fixed 16 tokens, so the stage timings are those of a fixed-size turn.
+    """
+    import torch
+    from random_stack import random_production_stack
+
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    else:
+        print(f"device: cpu (no CUDA), torch {torch.__version__}", flush=True)
+    config = Config.model_validate({"model": {"temperature": 0.0, "max_new_tokens": 60}})
+    stack = random_production_stack("tiny" if scale == "tiny" else "full")
+    stack.warmup()
+    return asyncio.run(run_bench(stack, config, turns=turns, speech=spoken_question())), config
 
 
 def spoken_question(text: str = "What is the capital of France?") -> np.ndarray:
