@@ -31,7 +31,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from core.config import Config, ServiceConfig
 from core.protocol import parse_server_event
 from core.scheduling.pool import QueueStatus
-from core.server.gateway_app import _queue_event, create_app, parse_workers
+from core.server.duplex_bridge import _queue_event
+from core.server.gateway_app import create_app, parse_workers
 from core.server.tls import certificate_hosts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from core.scheduling.eta import WorkerLoad, ticket_etas
 from core.scheduling.pool import Lease, Outcome, Pool, QueueFull, QueueTimeout, Ticket, TicketCancelled
 
 if TYPE_CHECKING:
-    from core.server.gateway_app import GatewayState
+    from core.server.gateway_state import GatewayState
 
 #: Back-off while a worker still tears down the previous session and answers 409 busy.
 BUSY_RETRY_DELAYS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
@@ -53,12 +53,12 @@ class CallFailed(Exception):
         return None if self.retry_after_s is None else {"Retry-After": str(int(max(1, self.retry_after_s)))}
 
 
-class _Refused(Exception):
-    pass
+class WorkerRefused(Exception):
+    """The worker answered but would not take the request (busy or loading)."""
 
 
-class _Unreachable(Exception):
-    pass
+class WorkerUnreachable(Exception):
+    """The worker could not be reached."""
 
 
 def take_ticket(pool: Pool, kind: str) -> Ticket:
@@ -150,9 +150,9 @@ async def _send(
             await on_lease(lease)
         try:
             return await _post(state, lease, path, await prepare(), stream), lease
-        except _Unreachable as exc:
+        except WorkerUnreachable as exc:
             pool.mark_down(lease.worker, str(exc))
-        except _Refused as exc:
+        except WorkerRefused as exc:
             pool.mark_refusing(lease.worker, str(exc))
         except httpx.TimeoutException:
             lease.release("error")
@@ -189,15 +189,15 @@ async def _post(
         try:
             response = await state.http.send(request, stream=stream)
         except httpx.ConnectError as exc:
-            raise _Unreachable(f"cannot connect ({exc.__class__.__name__})") from None
+            raise WorkerUnreachable(f"cannot connect ({exc.__class__.__name__})") from None
         if response.status_code == 503:
             await response.aclose()
-            raise _Refused("loading")
+            raise WorkerRefused("loading")
         if response.status_code != 409:
             return response
         await response.aclose()
         if delay is None:
-            raise _Refused("busy_external")
+            raise WorkerRefused("busy_external")
         await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -205,7 +205,7 @@ async def _post(
 async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     """Await ``work``; cancel it when the client disconnects first (then return None: nobody reads it)."""
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
+    watch = asyncio.ensure_future(wait_disconnect(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         return task.result() if task.done() else None
@@ -215,7 +215,8 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         await asyncio.gather(task, watch, return_exceptions=True)
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client of ``request`` disconnects."""
     # Once the body is read, the next ASGI message is http.disconnect when the client leaves.
     while (await request.receive())["type"] != "http.disconnect":
         pass

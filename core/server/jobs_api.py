@@ -51,7 +51,7 @@ from core.server.gateway_http import (
 from core.storage.jobs import Job, JobConflict, JobNotFound, JobStore, UnsupportedFormat, detect_format
 
 if TYPE_CHECKING:
-    from core.server.gateway_app import GatewayState
+    from core.server.gateway_state import GatewayState
 
 log = logging.getLogger("gateway.jobs")
 

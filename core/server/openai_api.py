@@ -45,7 +45,7 @@ from core.server.jobs_api import parse_language
 from core.storage.jobs import UnsupportedFormat, detect_format
 
 if TYPE_CHECKING:
-    from core.server.gateway_app import GatewayState
+    from core.server.gateway_state import GatewayState
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 SPEECH_MEDIA = {

@@ -20,21 +20,22 @@ import contextlib
 import itertools
 import json
 import logging
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-import websockets
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed
 
 from core.protocol import ErrorCode
 from core.scheduling.pool import Lease, QueueFull, QueueStatus, QueueTimeout, Ticket, TicketCancelled
-from core.server.gateway_http import BUSY_RETRY_DELAYS_S, CONNECT_TIMEOUT_S, MAX_ATTEMPTS, upstream_query
+from core.server.duplex_bridge import Connected, NoWorker, connect_when_assigned, open_worker_socket
+from core.server.gateway_http import upstream_query
 from core.server.realtime_events import realtime_error
 
 if TYPE_CHECKING:
-    from core.server.gateway_app import GatewayState
+    from core.server.gateway_state import GatewayState
 
 log = logging.getLogger("gateway.realtime")
 
@@ -63,10 +64,6 @@ def _queue_text(status: QueueStatus) -> str:
 
 class _Gone(Exception):
     """The client left while queued."""
-
-
-class _Refused(Exception):
-    pass
 
 
 class _Held:
@@ -131,7 +128,7 @@ async def serve_realtime(state: GatewayState, ws: WebSocket) -> None:
         pass
     except QueueTimeout as exc:
         await _close(ws, 1013, _error_text(ErrorCode.QUEUE_TIMEOUT, str(exc)))
-    except _Refused as exc:
+    except NoWorker as exc:
         await _close(ws, 1011, _error_text(ErrorCode.WORKER_LOST, str(exc)))
     except Exception:
         log.exception("realtime session failed")
@@ -198,52 +195,15 @@ async def _wait_for_worker(
 async def _connect_when_assigned(
     state: GatewayState, ticket: Ticket, query: str
 ) -> tuple[Lease, ClientConnection, str | bytes | None]:
-    pool = state.pool
-    while True:
-        lease = await pool.wait_assigned(ticket)
-        try:
-            conn, first = await _connect(lease, query)
-        except _Refused as exc:
-            pool.mark_refusing(lease.worker, str(exc))
-        except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
-            pool.mark_down(lease.worker, f"cannot open its /v1/realtime ({exc.__class__.__name__})")
-        else:
-            if not lease.lost.is_set():
-                return lease, conn, first
-            conn.transport.abort()
-        if ticket.attempts + 1 >= MAX_ATTEMPTS:
-            lease.release("refused")
-            raise _Refused(f"no worker would take the session after {MAX_ATTEMPTS} tries")
-        pool.requeue(ticket)
-
-
-async def _connect(lease: Lease, query: str) -> tuple[ClientConnection, str | bytes | None]:
-    """Open the worker's socket and read its first frame; a busy worker is retried briefly."""
-    url = f"ws://{lease.worker.address}/v1/realtime{query}"
-    for delay in (*BUSY_RETRY_DELAYS_S, None):
-        conn = await websockets.connect(
-            url,
-            open_timeout=CONNECT_TIMEOUT_S,
-            close_timeout=1.0,
-            compression=None,
+    def connect(lease: Lease) -> Awaitable[Connected]:
+        return open_worker_socket(
+            f"ws://{lease.worker.address}/v1/realtime{query}",
             max_size=WORKER_MAX_SIZE,
-            proxy=None,
+            first_frame_timeout_s=FIRST_FRAME_TIMEOUT_S,
+            error_code=_error_code,
         )
-        try:
-            first = await asyncio.wait_for(conn.recv(), FIRST_FRAME_TIMEOUT_S)
-        except TimeoutError:
-            return conn, None
-        except BaseException:
-            conn.transport.abort()
-            raise
-        code = _error_code(first)
-        if code not in (ErrorCode.BUSY.value, ErrorCode.NOT_READY.value):
-            return conn, first
-        await conn.close()
-        if code == ErrorCode.NOT_READY.value or delay is None:
-            raise _Refused("loading" if code == ErrorCode.NOT_READY.value else "busy_external")
-        await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+
+    return await connect_when_assigned(state.pool, ticket, connect)
 
 
 def _error_code(frame: str | bytes) -> str | None:

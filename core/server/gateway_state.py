@@ -1,0 +1,30 @@
+"""What the gateway process knows (config, queue, metrics, HTTP client); shared by the gateway's modules."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from core.config import Config
+from core.scheduling.pool import Pool
+from core.server.metrics import GatewayMetrics
+
+
+@dataclass
+class GatewayState:
+    """Everything the gateway process knows; one instance per app."""
+
+    config: Config
+    pool: Pool
+    metrics: GatewayMetrics
+    api_key: str | None
+    static_dir: Path
+    tls: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+    http: httpx.AsyncClient | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    worker_index: dict[int, int] = field(default_factory=dict)  # pool index -> worker_index it reports
