@@ -75,22 +75,8 @@ def realtime_router() -> APIRouter:
 
     @router.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:
-        state = ws.app.state.worker
         await ws.accept()
-        if state.stack is None:
-            await _refuse(ws, ErrorCode.NOT_READY, f"worker is {state.status}")
-            return
-        if state.lock.locked():
-            await _refuse(ws, ErrorCode.BUSY, "worker is busy with another session")
-            return
-        async with state.lock:
-            state.status = "busy"
-            state.sessions_served += 1
-            try:
-                await _serve(ws, state)
-            finally:
-                state.session = None
-                state.status = "idle"
+        await ws.app.state.worker.serve_exclusively(ws, _refuse, _serve)
 
     return router
 

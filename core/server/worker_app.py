@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +62,28 @@ class WorkerState:
     executor: ThreadPoolExecutor = field(default_factory=lambda: device_executor("model"))
     session: DuplexSession | None = None
     sessions_served: int = 0
+
+    async def serve_exclusively(
+        self,
+        ws: WebSocket,
+        refuse: Callable[[WebSocket, ErrorCode, str], Awaitable[None]],
+        serve: Callable[[WebSocket, WorkerState], Awaitable[None]],
+    ) -> None:
+        """Run ``serve`` as this worker's only live session; ``refuse`` the socket while loading or busy."""
+        if self.stack is None:
+            await refuse(ws, ErrorCode.NOT_READY, f"worker is {self.status}")
+            return
+        if self.lock.locked():
+            await refuse(ws, ErrorCode.BUSY, "worker is busy with another session")
+            return
+        async with self.lock:
+            self.status = "busy"
+            self.sessions_served += 1
+            try:
+                await serve(ws, self)
+            finally:
+                self.session = None
+                self.status = "idle"
 
     def health(self) -> dict[str, Any]:
         """The /health body."""
@@ -296,24 +318,14 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
     @app.websocket("/ws/duplex")
     async def duplex(ws: WebSocket) -> None:
         await ws.accept()
-        if state.stack is None:
-            await ws.send_text(error_event(ErrorCode.NOT_READY, f"worker is {state.status}", fatal=True))
-            await ws.close(code=1013)
-            return
-        if state.lock.locked():
-            await ws.send_text(error_event(ErrorCode.BUSY, "worker is busy with another session", fatal=True))
-            await ws.close(code=1013)
-            return
-        async with state.lock:
-            state.status = "busy"
-            state.sessions_served += 1
-            try:
-                await _run_session(ws, state)
-            finally:
-                state.session = None
-                state.status = "idle"
+        await state.serve_exclusively(ws, _refuse, _run_session)
 
     return app
+
+
+async def _refuse(ws: WebSocket, code: ErrorCode, message: str) -> None:
+    await ws.send_text(error_event(code, message, fatal=True))
+    await ws.close(code=1013)  # "try again later"
 
 
 async def _run_session(ws: WebSocket, state: WorkerState) -> None:
