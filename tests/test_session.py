@@ -403,6 +403,61 @@ def test_response_cancel_stops_the_reply() -> None:
     run(body)
 
 
+def test_after_a_barge_in_the_history_holds_only_what_was_heard() -> None:
+    async def body() -> None:
+        async with live(
+            transcript=["tell me a long story", "wait, stop"],
+            reply=[LONG_REPLY, "Sure."],
+            seconds_per_char=0.05,
+        ) as h:
+            await h.mic.play(speaking_turn())
+            await h.mic.silence_until(lambda: bool(h.wire.audio_times()))
+            t_first = h.wire.audio_times()[0]
+            # The first sentence is 2.55 s of audio, the second ends at 5.1 s: barge in between the two.
+            await h.mic.silence(3.5 - (h.session._clock() - t_first))
+            await h.mic.play(tone(0.64))
+            await h.mic.silence_until(lambda: len(h.wire.events("response.done")) >= 2)
+
+            first_sentence = "This is sentence number 1 of a long spoken answer."
+            cancelled = h.wire.events("response.done")[0][1]
+            assert cancelled["status"] == "cancelled"
+            assert cancelled["text"] == first_sentence + "…"
+            # what was sent covers the heard clause but not the next one
+            assert 2.55 <= cancelled["timings"]["audio_s"] < 5.1
+            # The next turn's LLM call saw the truncated reply, a strict prefix of the generated one.
+            roles = [(m.role, m.content) for m in h.llm.calls[1]]
+            assert roles[1:] == [
+                ("user", "tell me a long story"),
+                ("assistant", first_sentence + "…"),
+                ("user", "wait, stop"),
+            ]
+            heard = roles[2][1]
+            assert (
+                heard.endswith("…") and LONG_REPLY.startswith(heard[:-1]) and len(heard) - 1 < len(LONG_REPLY)
+            )
+            # A completed reply keeps its whole text.
+            assert h.wire.events("response.done")[1][1]["text"] == "Sure."
+            assert [(m.role, m.content) for m in h.session.conversation.history][-1] == ("assistant", "Sure.")
+
+    run(body)
+
+
+def test_a_reply_cancelled_before_any_audio_is_recorded_as_cut_off() -> None:
+    async def body() -> None:
+        async with live(reply=LONG_REPLY, ttft=1.0) as h:
+            await h.mic.play(speaking_turn())
+            await h.mic.silence_until(lambda: "response.created" in h.wire.types())
+            await h.text({"type": "response.cancel"})
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            assert not h.wire.audio_times()
+            done = h.wire.first("response.done")[1]
+            assert done["status"] == "cancelled" and done["text"] == "…"
+            history = [(m.role, m.content) for m in h.session.conversation.history]
+            assert history == [("user", "what is the weather like"), ("assistant", "…")]
+
+    run(body)
+
+
 # ---------------------------------------------------------------------------------- commit, pause, close
 
 

@@ -36,6 +36,8 @@ class ReplyStats:
     first_audio_at: float | None = None
     packets: int = 0
     audio_s: float = 0.0
+    #: How many of the reply's clauses have had their last packet sent (the turn tags those packets).
+    clauses_sent: int = 0
 
 
 #: Builds the text of a ``response.done`` at send time, from the sender's stats and the time of sending.
@@ -49,6 +51,7 @@ class _Item:
     audio: bytes | None = None
     done: DoneBuilder | None = None
     reset_playhead: bool = False
+    clause: int | None = None  # this packet ends the clause of that index
 
 
 class Outbox:
@@ -82,13 +85,16 @@ class Outbox:
             self._reply.append(_Item(generation, done=build))
             self._wake()
 
-    async def put_audio(self, generation: int, packet: bytes) -> None:
-        """Queue an audio packet, waiting while the lane holds ``capacity_packets`` packets."""
+    async def put_audio(self, generation: int, packet: bytes, clause: int | None = None) -> None:
+        """Queue an audio packet, waiting while the lane holds ``capacity_packets`` packets.
+
+        ``clause``: the index of the reply clause whose last audio is in this packet, if any.
+        """
         while self._audio_count >= self.capacity_packets and self._scope.is_current(generation):
             self._space.clear()
             await self._space.wait()
         if self._scope.is_current(generation):
-            self._reply.append(_Item(generation, audio=packet))
+            self._reply.append(_Item(generation, audio=packet, clause=clause))
             self._audio_count += 1
             self._wake()
 
@@ -209,7 +215,7 @@ class Sender:
                 self._held = item
                 await self._wait_urgent(delay)
                 return
-            await self._audio(item.generation, item.audio)
+            await self._audio(item.generation, item.audio, item.clause)
         elif item.done is not None:
             stats = self.take_stats(item.generation)
             await self._text(item.done(stats, self._clock()))
@@ -228,7 +234,7 @@ class Sender:
         except TimeoutError:
             pass
 
-    async def _audio(self, generation: int, packet: bytes) -> None:
+    async def _audio(self, generation: int, packet: bytes, clause: int | None) -> None:
         now = self._clock()
         # The wire carries [uint16 LE length][packet]; one packet per frame keeps barge-in drops exact.
         await self._send_bytes(pack_packets([packet]))
@@ -236,6 +242,8 @@ class Sender:
         stats = self.stats(generation)
         stats.packets += 1
         stats.audio_s += self.frame_s
+        if clause is not None:
+            stats.clauses_sent = max(stats.clauses_sent, clause + 1)
         if stats.first_audio_at is None:
             stats.first_audio_at = now
             self._on_first_audio(generation, now)

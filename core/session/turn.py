@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 Outcome = Literal["empty", "completed", "failed"]
 #: Longest error message sent to a client.
 _MAX_ERROR_CHARS = 300
+#: Marks a reply the user cut off. A reply interrupted before any clause was heard is still recorded,
+#: as this marker alone: the history keeps alternating user/assistant (some chat templates demand it)
+#: and the model learns that it was interrupted before it said anything.
+CUT_OFF = "…"
 
 
 class Conversation:
@@ -121,6 +125,10 @@ class Turn:
         self.created = False
         self._first_packet_queued = False
         self._marks: dict[str, float] = {}
+        self._clauses: list[str] = []  # what the TTS was asked to say, in order
+        self._clause_tag: int | None = None  # the clause whose last audio goes in the next packet
+        self._all_queued = False  # every packet of the reply is in the outbox
+        self._remembered = False  # the exchange is in the conversation history
 
     @property
     def generation(self) -> int:
@@ -139,18 +147,31 @@ class Turn:
         except _StageFailed as failed:
             self._fail(failed.stage, failed.cause)
             return "failed"
-        self.conversation.add(self.transcript, self.text.strip())
         self._finish("completed")
         return "completed"
 
     def cancelled(self, stats: ReplyStats) -> list[BaseModel]:
-        """The events that end this reply after a barge-in or cancel (none if no response was created)."""
-        if self.transcript:
-            self.conversation.add(self.transcript, self.text.strip())
+        """The events that end this reply after a barge-in or cancel (none if no response was created).
+
+        The history and ``response.done(cancelled).text`` get :meth:`heard_text`, not the whole reply:
+        the next turn should build on what the user actually heard before interrupting.
+        """
+        heard = self.heard_text(stats)
+        self._remember(heard)
         if not self.created:
             return []
-        done = self._done_event("cancelled", stats, self.deps.clock())
+        done = self._done_event("cancelled", stats, self.deps.clock(), text=heard)
         return [ResponseOutputAudioClear(response_id=self.response_id), done]
+
+    def heard_text(self, stats: ReplyStats) -> str:
+        """The clauses whose last packet was sent (``stats.clauses_sent``), with :data:`CUT_OFF` if cut.
+
+        Clauses are the TTS's text, i.e. cleaned for speech: that is what was heard. The whole reply
+        when it was all sent; :data:`CUT_OFF` alone when nothing was.
+        """
+        if self._all_queued and stats.clauses_sent >= len(self._clauses):
+            return self.text.strip()
+        return " ".join(self._clauses[: stats.clauses_sent]) + CUT_OFF
 
     # ----------------------------------------------------------------------------------- stages
 
@@ -194,9 +215,14 @@ class Turn:
     async def _speak(self, chunks: asyncio.Queue[str | None]) -> None:
         encoder = OpusEncoder(OUTPUT_SAMPLE_RATE, bitrate=self.deps.bitrate)
         while (chunk := await chunks.get()) is not None:
+            self._clauses.append(chunk)
             await self._voice(chunk, encoder)
+            # The encoder holds a partial frame and lags by its look-ahead, so the clause's last samples
+            # leave in the next packet encoded (of the next clause, or of the flush).
+            self._clause_tag = len(self._clauses) - 1
         for packet in encoder.flush():
-            await self.deps.outbox.put_audio(self.generation, packet)
+            await self.deps.outbox.put_audio(self.generation, packet, self._take_clause_tag())
+        self._all_queued = True
 
     async def _voice(self, chunk: str, encoder: OpusEncoder) -> None:
         tts, deps = self.deps.stack.tts, self.deps
@@ -216,10 +242,20 @@ class Turn:
         outbox, step = self.deps.outbox, encoder.frame_samples
         for start in range(0, len(pcm), step):
             for packet in encoder.encode(pcm[start : start + step]):
-                await outbox.put_audio(self.generation, packet)
+                await outbox.put_audio(self.generation, packet, self._take_clause_tag())
                 if not self._first_packet_queued:
                     self._first_packet_queued = True
                     await asyncio.sleep(0)  # let the sender send it before the rest is encoded
+
+    def _remember(self, assistant_text: str) -> None:
+        """Add this exchange to the history, once."""
+        if self.transcript and not self._remembered:
+            self._remembered = True
+            self.conversation.add(self.transcript, assistant_text)
+
+    def _take_clause_tag(self) -> int | None:
+        tag, self._clause_tag = self._clause_tag, None
+        return tag
 
     # ----------------------------------------------------------------------------------- events
 
@@ -233,6 +269,10 @@ class Turn:
 
     def _finish(self, status: Literal["completed", "failed"]) -> None:
         def build(stats: ReplyStats, now: float) -> str:
+            # Generation ends before playback does: a barge-in may still cut this reply until its
+            # response.done is sent, so the history learns of the whole reply only now.
+            if status == "completed":
+                self._remember(self.text.strip())
             return dump_event(self._done_event(status, stats, now))
 
         self.deps.outbox.put_done(self.generation, build)
@@ -245,14 +285,18 @@ class Turn:
         self._finish("failed")
 
     def _done_event(
-        self, status: Literal["completed", "cancelled", "failed"], stats: ReplyStats, now: float
+        self,
+        status: Literal["completed", "cancelled", "failed"],
+        stats: ReplyStats,
+        now: float,
+        text: str | None = None,
     ) -> ResponseDone:
+        """``text``: the reply's text as the event reports it (for ``cancelled``: what was heard)."""
         timings = self.timings(stats, now)
         if self.deps.on_timings is not None:
             self.deps.on_timings(status, timings)
-        return ResponseDone(
-            response_id=self.response_id, status=status, text=self.text.strip(), timings=timings
-        )
+        text = self.text.strip() if text is None else text
+        return ResponseDone(response_id=self.response_id, status=status, text=text, timings=timings)
 
     # ----------------------------------------------------------------------------------- timings
 
