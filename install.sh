@@ -16,7 +16,7 @@ for arg in "$@"; do
     --no-browser) BROWSER=0 ;;
     --no-ray) RAY=0 ;;
     --no-reference) REF=0 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
