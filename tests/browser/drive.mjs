@@ -209,47 +209,6 @@ const scenarios = {
     return { voiceShown, choice, paused, resumed: { button: await pauseButton() }, ...(await shown(page)) };
   },
 
-  // No WebCodecs: the page says so, sends pcm16 instead, and shows replies as text only.
-  async nocodecs(context) {
-    const page = await openPage(context, {
-      initScript: () => {
-        delete window.AudioEncoder;
-        delete window.AudioDecoder;
-      },
-    });
-    await page.click("#start");
-    await waitStats(page, () => window.duplexStats.state === "live");
-    await waitStats(page, () =>
-      [...document.querySelectorAll(".turn .assistant")].some((e) => e.textContent.trim()),
-    );
-    return shown(page);
-  },
-
-  // The microphone is refused: a clear message, no connection.
-  async micdenied(context) {
-    const page = await openPage(context, {
-      initScript: () => {
-        navigator.mediaDevices.getUserMedia = () =>
-          Promise.reject(new DOMException("Permission denied", "NotAllowedError"));
-      },
-    });
-    await page.click("#start");
-    await waitStats(page, () => window.duplexStats.state === "error");
-    return shown(page);
-  },
-
-  // Pick the second voice once the session lists its voices; wait for the server to confirm it.
-  async voice(context) {
-    const page = await openPage(context);
-    await page.click("#start");
-    await waitStats(page, () => window.duplexStats.state === "live");
-    const voiceShown = await page.isVisible("#voice");
-    const choice = await page.$eval("#voice", (s) => s.options[1]?.value);
-    await page.selectOption("#voice", choice);
-    await waitStats(page, (v) => window.duplexStats.voice === v, choice);
-    return { voiceShown, choice, ...(await shown(page)) };
-  },
-
   // A wrong API key: the server refuses, and the page says what to do.
   async badkey(context) {
     const page = await openPage(context);
