@@ -337,6 +337,38 @@ def test_random_operations_never_leak_tickets_or_workers(ops: list[tuple[str, in
     assert pool.queue_length == 0 and all(w.lease is None for w in pool.workers)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(BASE)), st.floats(0, 0.3)), min_size=1, max_size=30))
+def test_a_ticket_joining_the_tail_costs_one_step_and_gets_the_eta_of_a_full_pass(
+    arrivals: list[tuple[str, float]],
+) -> None:
+    pool, clock, _ = make_pool(2)
+    pool.submit("audio_duplex")
+    pool.submit("chat")  # both workers busy; no session overruns within these 9 s
+    full_passes = 0
+    full_refresh = pool.refresh
+
+    def counting_refresh() -> None:
+        nonlocal full_passes
+        full_passes += 1
+        full_refresh()
+
+    pool.refresh = counting_refresh  # type: ignore[method-assign]
+    heard: list[str] = []
+    for i, (kind, dt) in enumerate(arrivals, start=1):
+        clock.advance(dt)
+        before = full_passes
+        t = pool.submit(kind)
+        pool.watch(t, lambda s, t=t: heard.append(f"{t.id}@{s.position}"))
+        assert heard[-1] == f"{t.id}@{pool.queue_length}"  # told at once, at the tail
+        position, eta = t.position, t.eta_s
+        if i > 1:  # the first arrival builds the simulation; later ones only extend it
+            assert full_passes == before
+        full_refresh()  # a full pass agrees, and has nothing new to tell anyone
+        assert (t.position, t.eta_s) == (position, pytest.approx(eta, abs=1e-9))
+        assert len(heard) == i
+
+
 async def test_watched_tickets_get_statuses_pushed_without_waking_anyone() -> None:
     pool, clock, _ = make_pool(1)
     running = pool.submit("chat")

@@ -4,7 +4,7 @@ Two pieces:
 
 - ``DurationModel``: the expected duration of one request per type — the configured baseline until
   ``min_samples`` real durations are seen, then an exponential moving average seeded with their mean.
-- ``ticket_etas``: each waiting ticket's wait by simulated dispatch. Every healthy worker frees at its
+- ``ticket_etas`` / ``DispatchSimulation``: each waiting ticket's wait by simulated dispatch. Every healthy worker frees at its
   remaining time (``remaining_s``); each ticket in queue order takes the earliest-free worker (a min-heap),
   which then frees at that moment plus the ticket's expected duration.
 """
@@ -176,19 +176,35 @@ def remaining_s(expected_s: float, elapsed_s: float) -> float:
     return max(OVERRUN_FLOOR_S, min(OVERRUN_FRACTION * expected_s, OVERRUN_CAP_S))
 
 
-def ticket_etas(workers: Sequence[WorkerLoad], waiting: Sequence[float]) -> list[float]:
-    """Seconds until each waiting ticket gets a worker, in queue order.
+class DispatchSimulation:
+    """The dispatch simulation as running state: ``add`` one waiting ticket at a time, in queue order.
 
-    ``waiting`` holds the expected duration of each waiting ticket. Only healthy workers serve. With no
-    healthy worker the estimate assumes the known ones come back now (optimistic; there is nothing better
-    to say), and with no worker at all, one.
+    Each healthy worker frees at its remaining time; a ticket takes the earliest-free worker, which then
+    frees that much later. Kept after a full pass so a ticket joining the tail costs one step, not a
+    replay of the whole queue. Only healthy workers serve; with none healthy the estimate assumes the
+    known ones come back now (optimistic; there is nothing better to say), and with no worker at all, one.
     """
-    pool = [w for w in workers if w.healthy] or [replace(w, healthy=True) for w in workers] or [WorkerLoad()]
-    heap = [0.0 if w.expected_s is None else remaining_s(w.expected_s, w.elapsed_s) for w in pool]
-    heapq.heapify(heap)
-    etas = []
-    for duration in waiting:
-        start = heapq.heappop(heap)
-        etas.append(start)
-        heapq.heappush(heap, start + duration)
-    return etas
+
+    __slots__ = ("_heap",)
+
+    def __init__(self, workers: Sequence[WorkerLoad]) -> None:
+        pool = (
+            [w for w in workers if w.healthy] or [replace(w, healthy=True) for w in workers] or [WorkerLoad()]
+        )
+        self._heap = [0.0 if w.expected_s is None else remaining_s(w.expected_s, w.elapsed_s) for w in pool]
+        heapq.heapify(self._heap)
+
+    def add(self, duration_s: float) -> float:
+        """Seconds until the next ticket in queue order gets a worker; it then holds it ``duration_s``."""
+        start = self._heap[0]
+        heapq.heapreplace(self._heap, start + duration_s)
+        return start
+
+
+def ticket_etas(workers: Sequence[WorkerLoad], waiting: Sequence[float]) -> list[float]:
+    """Seconds until each waiting ticket gets a worker, in queue order (see ``DispatchSimulation``).
+
+    ``waiting`` holds the expected duration of each waiting ticket.
+    """
+    sim = DispatchSimulation(workers)
+    return [sim.add(duration) for duration in waiting]

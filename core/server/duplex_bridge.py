@@ -47,6 +47,7 @@ from core.server.gateway_http import (
     WorkerUnreachable,
     upstream_query,
 )
+from core.server.ws_direct import direct_text_writer
 
 if TYPE_CHECKING:
     from core.server.gateway_state import GatewayState
@@ -62,13 +63,22 @@ WORKER_WS_MAX_SIZE = 4 * 1024 * 1024
 Connected = tuple[ClientConnection, str | bytes | None]
 
 
+_QUEUE_EVENT_FORMATS = {
+    first: b'{"type":"%s","position":%%d,"eta_s":%%.2f,"queue_length":%%d}'
+    % (b"session.queued" if first else b"session.queue_update")
+    for first in (True, False)
+}
+
+
+def _queue_event_bytes(status: QueueStatus) -> bytes:
+    """The UTF-8 JSON of ``session.queued`` / ``session.queue_update`` for ``status``."""
+    # Hand-formatted bytes: this is the one event sent to thousands of waiting clients at once.
+    return _QUEUE_EVENT_FORMATS[status.first] % (status.position, status.eta_s, status.queue_length)
+
+
 def _queue_event(status: QueueStatus) -> str:
-    # Hand-formatted: this is the one event sent to thousands of waiting clients at once.
-    kind = "session.queued" if status.first else "session.queue_update"
-    return (
-        f'{{"type":"{kind}","position":{status.position},"eta_s":{round(status.eta_s, 2)},'
-        f'"queue_length":{status.queue_length}}}'
-    )
+    """``_queue_event_bytes`` as text."""
+    return _queue_event_bytes(status).decode()
 
 
 def _send_eagerly(send: Awaitable[None]) -> None:
@@ -267,14 +277,26 @@ def _error_code(frame: str | bytes) -> str | None:
     return data.get("code") if isinstance(data, dict) and data.get("type") == "error" else None
 
 
+def _queue_sink(ws: ClientSocket) -> Callable[[QueueStatus], None]:
+    """Where the pool pushes this client's queue statuses: straight to its socket when the server allows."""
+    write = direct_text_writer(ws.send)
+    if write is None:
+        return lambda status: _send_eagerly(ws.send({"type": "websocket.send", "text": _queue_event(status)}))
+    formats = _QUEUE_EVENT_FORMATS
+
+    def sink(status: QueueStatus) -> None:
+        # _queue_event_bytes inlined: this runs once per waiting client on every dispatch. A False from
+        # write (closing, or not reading) needs nothing: the next update carries the current position.
+        write(formats[status.first] % (status.position, status.eta_s, status.queue_length))
+
+    return sink
+
+
 async def _queue_then_connect(
     state: GatewayState, ws: ClientSocket, ticket: Ticket, query: str
 ) -> tuple[Lease, ClientConnection, str | bytes | None]:
     """Wait in the queue (telling the client), then connect to the assigned worker."""
-    state.pool.watch(
-        ticket,
-        lambda status: _send_eagerly(ws.send({"type": "websocket.send", "text": _queue_event(status)})),
-    )
+    state.pool.watch(ticket, _queue_sink(ws))
 
     def connect(lease: Lease) -> Awaitable[Connected]:
         return open_worker_socket(

@@ -1,0 +1,76 @@
+"""Write small server→client WebSocket text frames straight to the socket's transport.
+
+One queue change (a dispatch moves everyone up) sends one ``session.queue_update`` to every waiting
+client, thousands in one pass. Through the ASGI ``send`` each of them costs a coroutine, a message dict,
+the websockets library's frame object and extension pass, and a list join before the bytes reach the
+transport; here a frame is two header bytes and the UTF-8 payload handed to ``transport.write``.
+
+This works only under uvicorn's ``websockets-sansio`` protocol (the one the gateway asks for), reached
+through the bound ``send`` the server hands the application; :func:`direct_text_writer` returns None for
+anything else and the caller keeps the ASGI path. It is safe to bypass the protocol object for whole
+text frames because a server's frames are unmasked and self-contained: the protocol keeps no outgoing
+state between whole messages, no per-message extension may be active (checked: permessage-deflate would
+set RSV1 and compress), and uvicorn's own sends write synchronously to the same transport, so frames from
+both paths keep their order.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("gateway")
+
+#: Updates are snapshots: a client whose socket already has this much unsent has not read the last
+#: ones, and another would only grow the gateway's memory. It gets the next one once it catches up.
+MAX_BACKLOG_BYTES = 64 * 1024
+
+_TEXT_FIN = 0x81
+_SHORT_HEADERS = [bytes((_TEXT_FIN, n)) for n in range(126)]
+
+
+def frame_text(payload: bytes) -> bytes:
+    """One unmasked, final text frame (RFC 6455 §5.2) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((_TEXT_FIN, n)) + payload
+    if n < 1 << 16:
+        return struct.pack("!BBH", _TEXT_FIN, 126, n) + payload
+    return struct.pack("!BBQ", _TEXT_FIN, 127, n) + payload
+
+
+def direct_text_writer(send: Callable[..., Any]) -> Callable[[bytes], bool] | None:
+    """A function that writes one text frame (its UTF-8 payload given) to the client of this ASGI
+    ``send``, or None where the server is not one this can write for.
+
+    Call it after the handshake is accepted. The function returns False, writing nothing, when the
+    connection is closing or its client has ``MAX_BACKLOG_BYTES`` unread.
+    """
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+        from websockets.protocol import State
+    except ImportError:  # pragma: no cover - uvicorn is a pinned dependency
+        return None
+    proto = getattr(send, "__self__", None)
+    if not isinstance(proto, WebSocketsSansIOProtocol):
+        return None
+    conn, transport = proto.conn, proto.transport
+    if not proto.handshake_complete or conn.extensions or transport is None:
+        return None
+    is_open = State.OPEN
+
+    def write(payload: bytes) -> bool:
+        if (
+            proto.close_sent
+            or conn.state is not is_open
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > MAX_BACKLOG_BYTES
+        ):
+            return False
+        n = len(payload)
+        transport.write(_SHORT_HEADERS[n] + payload if n < 126 else frame_text(payload))
+        return True
+
+    return write
