@@ -18,8 +18,10 @@ busy on (``--pin`` pins it to the first CPU and this process to the others, for 
    lag from that moment until each waiting client receives its new position is measured. The result is
    the largest step whose median per-burst lag p95 is under 100 ms (the median keeps one burst stalled by
    another tenant of a shared machine from deciding it; the pooled p95 over all bursts and each burst's
-   p95 are printed too). "max gap" is the longest time a client went without
-   an update (the periodic ones are due every 3 s).
+   p95 are printed too). "max gap" is the longest time a client went without an update (the periodic
+   ones are due every 3 s). Meanwhile a live session on the second worker echoes a frame through the
+   gateway every 5 ms from its own process: its round trips during the bursts show what telling
+   thousands of waiting clients costs the sessions that are talking.
 
 Ends with ``RESULT hop_p95_ms=... eta_mae_s=... max_waiting_clients=...``.
 """
@@ -32,6 +34,8 @@ import base64
 import contextlib
 import itertools
 import json
+import math
+import multiprocessing
 import os
 import random
 import resource
@@ -409,6 +413,33 @@ async def _connect_lean(port: int, count: int, hits: HitCounter, concurrency: in
     return clients
 
 
+def _live_echo(url: str, ready: Any, stop: Any, out: Any) -> None:
+    """In its own process (so this one's work on thousands of sockets does not time it): a live session
+    echoing a 100-byte frame through the gateway every 5 ms; sends ``(sent_at, rtt)`` pairs to ``out``."""
+
+    async def run() -> None:
+        ws = await _open_session(url)
+        ready.set()
+        samples: list[tuple[float, float]] = []
+        payload = bytes(range(100))
+        try:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                await ws.send(payload)
+                await ws.recv()
+                samples.append((t0, time.monotonic() - t0))
+                await asyncio.sleep(0.005)
+        finally:
+            out.put(samples)
+            await ws.close()
+
+    asyncio.run(run())
+
+
+def _rtts_within(samples: list[tuple[float, float]], windows: list[tuple[float, float]]) -> list[float]:
+    return [rtt for t, rtt in samples if any(a <= t <= b for a, b in windows)]
+
+
 async def _spin() -> None:
     # With --spin: keeps this process's event loop from sleeping in epoll while it stands in for remote
     # clients, so that the gateway's sends need no cross-CPU wake-up (a cost remote clients do not put on
@@ -418,6 +449,7 @@ async def _spin() -> None:
 
 
 SPIN = False
+BURSTS: list[tuple[float, float]] = []  # (start, last client told) of every burst
 
 
 async def _trigger(clients: list[LeanClient], hits: HitCounter, timeout: float) -> tuple[list[float], int]:
@@ -432,6 +464,7 @@ async def _trigger(clients: list[LeanClient], hits: HitCounter, timeout: float) 
     hits.arm(len(waiting))
     spinner = asyncio.create_task(_spin() if SPIN else asyncio.sleep(3600))
     t0 = time.monotonic()
+    BURSTS.append((t0, t0))
     for c in served:
         c.leave()
     try:
@@ -451,6 +484,7 @@ async def _trigger(clients: list[LeanClient], hits: HitCounter, timeout: float) 
         spinner.cancel()
         for c in waiting:
             c.armed = False
+        BURSTS[-1] = (t0, t0 + max(lags.values(), default=0.0))
     return list(lags.values()), len(waiting) - len(lags)
 
 
@@ -471,6 +505,15 @@ async def bench_waiting(
     clients: list[LeanClient] = []
     rows: list[dict[str, Any]] = []
     hits = HitCounter()
+    # A live session on the other worker, echoing through the gateway the whole time: what the bursts
+    # cost the sessions that are talking.
+    ctx = multiprocessing.get_context("fork")
+    ready, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    live = ctx.Process(target=_live_echo, args=(cluster.gateway_ws(), ready, stop, out), daemon=True)
+    live.start()
+    if not await asyncio.to_thread(ready.wait, 30):
+        raise RuntimeError("the live echo session did not start")
+    windows: list[list[tuple[float, float]]] = []
     started = time.monotonic()
     try:
         for level in levels:
@@ -490,6 +533,7 @@ async def bench_waiting(
             burst_p95: list[float] = []
             missed = 0
             fewest_waiting = target
+            first_burst = len(BURSTS)
             cpu_before = cluster.gateway_cpu_s()
             for _ in range(triggers):
                 got, miss = await _trigger(clients, hits, timeout=5.0)
@@ -499,6 +543,7 @@ async def bench_waiting(
                 missed += miss
                 await asyncio.sleep(0.3)
             cpu_per_update = (cluster.gateway_cpu_s() - cpu_before) / max(1, len(lags))
+            windows.append(BURSTS[first_burst:])
             for _ in range(7):  # let every client see periodic updates; answer pings meanwhile
                 await asyncio.sleep(0.5)
                 for c in clients:
@@ -529,6 +574,17 @@ async def bench_waiting(
     finally:
         for c in clients:
             c.leave()
+        stop.set()
+        samples: list[tuple[float, float]] = await asyncio.to_thread(out.get, True, 30)
+        live.join(10)
+    for row, level_windows in zip(rows, windows, strict=False):
+        rtts = _rtts_within(samples, level_windows)
+        row["live_p50_ms"], row["live_p95_ms"] = pct(rtts, 0.5) * 1000, pct(rtts, 0.95) * 1000
+        row["live_max_ms"], row["live_frames"] = max(rtts, default=math.nan) * 1000, len(rtts)
+        print(
+            f"  {row['waiting']:>6} waiting: live session echo RTT during the bursts p50 {row['live_p50_ms']:.2f}"
+            f" ms  p95 {row['live_p95_ms']:.2f} ms  max {row['live_max_ms']:.2f} ms ({len(rtts)} frames)"
+        )
     return rows
 
 
@@ -601,7 +657,7 @@ def main(argv: list[str]) -> int:
             finally:
                 cluster.stop()
         if 3 in parts:
-            cluster = Cluster(Path(tmp), 1, {**base, "max_queue_size": 20_000}, gateway_cpu)
+            cluster = Cluster(Path(tmp), 2, {**base, "max_queue_size": 20_000}, gateway_cpu)
             try:
                 print(
                     "3. waiting clients kept updated (lag from a dispatch to each client's new position)",
@@ -631,6 +687,12 @@ def main(argv: list[str]) -> int:
             f"{r['lag_p95_ms']:.1f} ({r['burst_p95_ms']:.1f}) / {r['lag_max_ms']:.1f} ms, "
             f"max gap {r['max_gap_s']:.2f} s, gateway RSS {r['rss_mb']:.0f} MB |"
         )
+    for r in rows:
+        if "live_p50_ms" in r:
+            print(
+                f"| {r['waiting']} waiting: live session echo RTT during the bursts p50 / p95 / max | "
+                f"{r['live_p50_ms']:.2f} / {r['live_p95_ms']:.2f} / {r['live_max_ms']:.2f} ms |"
+            )
     print(f"| waiting clients with update lag p95 < 100 ms (median of 5 bursts) | {max_waiting} |")
     big = [r for r in rows if r["waiting"] >= 900]
     if big:

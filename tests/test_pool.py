@@ -3,6 +3,8 @@ cancel/timeout/full, health transitions, and queue updates on change and when du
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from core.scheduling.eta import DurationModel, EtaSettings
 from core.scheduling.pool import (
     MAX_HEALTH_FAILURES,
     TEARDOWN_GRACE_S,
+    TELL_SLICE,
     Lease,
     Pool,
     PoolListener,
@@ -367,6 +370,69 @@ def test_a_ticket_joining_the_tail_costs_one_step_and_gets_the_eta_of_a_full_pas
         full_refresh()  # a full pass agrees, and has nothing new to tell anyone
         assert (t.position, t.eta_s) == (position, pytest.approx(eta, abs=1e-9))
         assert len(heard) == i
+
+
+async def _settle() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def test_a_long_queue_is_told_in_slices_that_let_other_work_through() -> None:
+    pool, _, _ = make_pool(1, max_queue=5000)
+    running = pool.submit("chat")
+    n = 3 * TELL_SLICE + 10
+    heard: list[tuple[int, int]] = []
+    tickets = [pool.submit("chat") for _ in range(n)]
+    for i, t in enumerate(tickets):
+        pool.watch(t, lambda s, i=i: heard.append((i, s.position)))
+    await _settle()
+    assert sorted(heard) == [(i, i + 1) for i in range(n)]
+    heard.clear()
+    assert running.lease is not None
+    running.lease.release("completed")  # everyone moves up; ticket 0 is served
+    loop = asyncio.get_running_loop()
+    seen_by_other_work: list[int] = []
+    loop.call_soon(lambda: seen_by_other_work.append(len(heard)))  # a live frame, queued behind the refresh
+    await _settle()
+    assert seen_by_other_work == [TELL_SLICE]  # it ran after the first slice, not after everyone
+    assert heard == [(i, i) for i in range(1, n)]  # head first, each told once, its new place
+
+
+async def test_nobody_starves_and_nobody_moves_back_when_the_queue_changes_every_turn() -> None:
+    pool, _, _ = make_pool(1, max_queue=5000)
+    pool.submit("chat")
+    n = 4 * TELL_SLICE
+    heard: dict[int, list[int]] = {i: [] for i in range(n)}
+    tickets = [pool.submit("chat") for _ in range(n)]
+    for i, t in enumerate(tickets):
+        pool.watch(t, lambda s, i=i: heard[i].append(s.position))
+    await _settle()
+    for _ in range(
+        2 * TELL_SLICE // 16
+    ):  # a dispatch on every loop turn, for longer than a full telling takes
+        lease = next(w.lease for w in pool.workers if w.lease is not None)
+        lease.release("completed")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    await _settle()
+    for i, t in enumerate(tickets):
+        assert heard[i] == sorted(heard[i], reverse=True), f"ticket {i} moved back: {heard[i]}"
+        if t.state == "waiting":
+            assert heard[i][-1] == t.position  # the last word is the truth
+            assert len(heard[i]) > 2  # the tail heard of the moves too, not only at the end
+
+
+def test_without_an_event_loop_everyone_is_told_at_once() -> None:
+    pool, _, _ = make_pool(1, max_queue=5000)
+    running = pool.submit("chat")
+    tickets = [pool.submit("chat") for _ in range(2 * TELL_SLICE + 3)]
+    heard: list[int] = []
+    for t in tickets:
+        pool.watch(t, lambda s: heard.append(s.position))
+    heard.clear()
+    assert running.lease is not None
+    running.lease.release("completed")
+    assert heard == list(range(1, len(tickets)))
 
 
 async def test_watched_tickets_get_statuses_pushed_without_waking_anyone() -> None:
