@@ -21,7 +21,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.duplex_client import free_port, stop, wait_healthy
-from tests.mounting import cluster, start_gateway, start_worker, wait_until_served, write_config
+from tests.services import cluster, start_gateway, start_worker, wait_until_served, write_config
 
 pytestmark = pytest.mark.slow
 MAX_UPLOAD_MB = 0.25

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from core.models import embedded
-from tests.mounting import cluster
+from tests.services import cluster
 from tests.speech import espeak, with_silence, word_error_rate
 from tests.test_jobs_api import finished, submit
 

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from core.server.openai_api import to_srt, to_verbose, to_vtt
-from tests.mounting import cluster
+from tests.services import cluster
 from tests.test_jobs_api import tone_wav
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import openai
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.mounting import cluster
+from tests.services import cluster
 
 pytestmark = pytest.mark.slow
 REPLY = "Hello! This is a scripted reply from the fake language model."
