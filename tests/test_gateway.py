@@ -446,6 +446,13 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         stop(mock)
 
 
+def _wss(base: str, query: str = "") -> tuple[str, ssl.SSLContext]:
+    """The secured gateway's /ws/duplex URL and a TLS context that accepts its self-signed certificate."""
+    tls = ssl.create_default_context()
+    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+    return base.replace("https", "wss") + "/ws/duplex" + query, tls
+
+
 def test_tls_certificate_is_generated_and_served(secured: tuple[str, Path]) -> None:
     base, tmp = secured
     cert = tmp / "data" / "tls" / "cert.pem"
@@ -467,9 +474,7 @@ async def test_api_key_is_required_except_on_health(secured: tuple[str, Path]) -
         == 200
     )
     assert httpx.get(base + "/metrics", verify=False, headers={"X-API-Key": "s3cret"}).status_code == 200
-    tls = ssl.create_default_context()
-    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-    ws_url = base.replace("https", "wss") + "/ws/duplex"
+    ws_url, tls = _wss(base)
     with pytest.raises(InvalidStatus) as err:
         await connect(ws_url, ssl=tls, open_timeout=5)
     assert err.value.response.status_code == 401
@@ -481,9 +486,7 @@ async def test_api_key_is_required_except_on_health(secured: tuple[str, Path]) -
 
 async def test_full_queue_answers_503_with_retry_after(secured: tuple[str, Path]) -> None:
     base, _ = secured
-    tls = ssl.create_default_context()
-    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-    url = base.replace("https", "wss") + "/ws/duplex?api_key=s3cret"
+    url, tls = _wss(base, "?api_key=s3cret")
     serving = await connect(url, ssl=tls, open_timeout=5)
     await next_event(serving, "session.created")
     waiting = await connect(url, ssl=tls, open_timeout=5)
@@ -635,9 +638,7 @@ def test_worker_list_parsing(spec: str | None, expected: list[str]) -> None:
 
 async def test_waiting_past_the_request_timeout_ends_with_queue_timeout(secured: tuple[str, Path]) -> None:
     base, _ = secured
-    tls = ssl.create_default_context()
-    tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-    url = base.replace("https", "wss") + "/ws/duplex?api_key=s3cret"
+    url, tls = _wss(base, "?api_key=s3cret")
     serving = await connect(url, ssl=tls, open_timeout=5)
     await next_event(serving, "session.created")
     waiting = await connect(url, ssl=tls, open_timeout=5)

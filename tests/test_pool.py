@@ -361,7 +361,9 @@ def test_a_ticket_joining_the_tail_costs_one_step_and_gets_the_eta_of_a_full_pas
     for i, (kind, dt) in enumerate(arrivals, start=1):
         clock.advance(dt)
         before = full_passes
+        predicted = pool.eta_for_new(kind)
         t = pool.submit(kind)
+        assert t.eta_s == pytest.approx(predicted, abs=1e-9)  # the wait the job API quotes before a submit
         pool.watch(t, lambda s, t=t: heard.append(f"{t.id}@{s.position}"))
         assert heard[-1] == f"{t.id}@{pool.queue_length}"  # told at once, at the tail
         position, eta = t.position, t.eta_s

@@ -407,6 +407,13 @@ class Pool:
         self._flush_scheduled = False
         self._flush_tells()
 
+    def eta_for_new(self, kind: str) -> float:
+        """Seconds a request of ``kind`` submitted now would wait for a worker."""
+        sim = DispatchSimulation(self._loads(self.clock()))
+        for ticket in self._waiting.values():
+            sim.add(self.durations.expected(ticket.kind))
+        return sim.add(self.durations.expected(kind))
+
     def retry_after_s(self) -> float:
         """When a full queue should have room: the head ticket's ETA, in whole seconds, at least 1."""
         head = next(iter(self._waiting.values()), None)

@@ -282,12 +282,10 @@ def _queue_sink(ws: ClientSocket) -> Callable[[QueueStatus], None]:
     write = direct_text_writer(ws.send)
     if write is None:
         return lambda status: _send_eagerly(ws.send({"type": "websocket.send", "text": _queue_event(status)}))
-    formats = _QUEUE_EVENT_FORMATS
 
     def sink(status: QueueStatus) -> None:
-        # _queue_event_bytes inlined: this runs once per waiting client on every dispatch. A False from
-        # write (closing, or not reading) needs nothing: the next update carries the current position.
-        write(formats[status.first] % (status.position, status.eta_s, status.queue_length))
+        # A False from write (closing, or not reading) needs nothing: the next update carries the position.
+        write(_queue_event_bytes(status))
 
     return sink
 

@@ -26,7 +26,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from core.protocol import ErrorCode
-from core.scheduling.eta import WorkerLoad, ticket_etas
 from core.scheduling.pool import Lease, Outcome, Pool, QueueFull, QueueTimeout, Ticket, TicketCancelled
 
 if TYPE_CHECKING:
@@ -67,19 +66,6 @@ def take_ticket(pool: Pool, kind: str) -> Ticket:
         return pool.submit(kind)
     except QueueFull as full:
         raise CallFailed(503, ErrorCode.QUEUE_FULL.value, str(full), full.retry_after_s) from None
-
-
-def new_ticket_eta(pool: Pool, kind: str) -> float:
-    """Seconds a request of ``kind`` submitted now would wait for a worker (the queue's own simulation)."""
-    now = pool.clock()
-    loads = [
-        WorkerLoad(w.healthy)
-        if w.lease is None
-        else WorkerLoad(w.healthy, pool.durations.expected(w.lease.ticket.kind), now - w.lease.started_at)
-        for w in pool.workers
-    ]
-    waiting = [pool.durations.expected(t.kind) for t in pool.waiting()]
-    return ticket_etas(loads, [*waiting, pool.durations.expected(kind)])[-1]
 
 
 def kind_or(pool: Pool, preferred: str, fallback: str) -> str:

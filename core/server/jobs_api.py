@@ -43,7 +43,6 @@ from core.scheduling.pool import Lease, Ticket
 from core.server.gateway_http import (
     CallFailed,
     UploadError,
-    new_ticket_eta,
     read_upload,
     take_ticket,
     worker_response,
@@ -244,7 +243,7 @@ class JobService:
         if ticket is not None and ticket.state == "assigned":  # being handed to its worker
             return {"position": 0, "estimated_wait": 0.0}
         if ticket is None or ticket.state != "waiting":  # between tickets (the queue was full): no place yet
-            return {"position": None, "estimated_wait": round(new_ticket_eta(self.state.pool, KIND), 2)}
+            return {"position": None, "estimated_wait": round(self.state.pool.eta_for_new(KIND), 2)}
         if ticket.position == 0:  # submitted this instant: the pool refreshes positions on its next turn
             self.state.pool.refresh()
         return {"position": ticket.position, "estimated_wait": round(ticket.eta_s, 2)}
@@ -350,7 +349,7 @@ class JobService:
                 "workers": len(pool.workers),
                 "workers_healthy": sum(w.healthy for w in pool.workers),
                 "workers_busy": sum(w.lease is not None for w in pool.workers),
-                "estimated_wait": round(new_ticket_eta(pool, KIND), 2),
+                "estimated_wait": round(pool.eta_for_new(KIND), 2),
                 "expected_duration_s": round(pool.durations.expected(KIND), 2),
             }
         )

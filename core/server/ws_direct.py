@@ -16,12 +16,12 @@ both paths keep their order.
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("gateway")
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 #: Updates are snapshots: a client whose socket already has this much unsent has not read the last
 #: ones, and another would only grow the gateway's memory. It gets the next one once it catches up.
@@ -35,7 +35,7 @@ def frame_text(payload: bytes) -> bytes:
     """One unmasked, final text frame (RFC 6455 §5.2) carrying ``payload``."""
     n = len(payload)
     if n < 126:
-        return bytes((_TEXT_FIN, n)) + payload
+        return _SHORT_HEADERS[n] + payload
     if n < 1 << 16:
         return struct.pack("!BBH", _TEXT_FIN, 126, n) + payload
     return struct.pack("!BBQ", _TEXT_FIN, 127, n) + payload
@@ -48,29 +48,22 @@ def direct_text_writer(send: Callable[..., Any]) -> Callable[[bytes], bool] | No
     Call it after the handshake is accepted. The function returns False, writing nothing, when the
     connection is closing or its client has ``MAX_BACKLOG_BYTES`` unread.
     """
-    try:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-        from websockets.protocol import State
-    except ImportError:  # pragma: no cover - uvicorn is a pinned dependency
-        return None
     proto = getattr(send, "__self__", None)
     if not isinstance(proto, WebSocketsSansIOProtocol):
         return None
     conn, transport = proto.conn, proto.transport
     if not proto.handshake_complete or conn.extensions or transport is None:
         return None
-    is_open = State.OPEN
 
     def write(payload: bytes) -> bool:
         if (
             proto.close_sent
-            or conn.state is not is_open
+            or conn.state is not State.OPEN
             or transport.is_closing()
             or transport.get_write_buffer_size() > MAX_BACKLOG_BYTES
         ):
             return False
-        n = len(payload)
-        transport.write(_SHORT_HEADERS[n] + payload if n < 126 else frame_text(payload))
+        transport.write(frame_text(payload))
         return True
 
     return write
