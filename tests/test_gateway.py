@@ -34,6 +34,7 @@ from core.scheduling.pool import QueueStatus
 from core.server.duplex_bridge import _queue_event
 from core.server.gateway_app import create_app, parse_workers
 from core.server.tls import certificate_hosts
+from tests.slow_close_worker import SlowCloseWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -319,6 +320,40 @@ async def test_clients_leaving_at_any_moment_leave_no_worker_session_behind(clus
     ws = await open_ws(cluster.ws())  # and the next client is served at once
     await next_event(ws, "session.created")
     await ws.close()
+
+
+async def test_the_queue_moves_while_a_leaving_clients_session_still_closes(tmp_path: Path) -> None:
+    # A client leaves: the waiting clients hear their new places at once, while the worker is still
+    # closing that session; the next session connects only once the close is done (the worker never
+    # sees two at a time, which it would refuse).
+    worker = SlowCloseWorker()
+    await worker.start()
+    port = free_port()
+    service = {"health_interval_s": 0.2, "eta_audio_duplex_s": 1.0}
+    gateway = start_gateway(port, [worker.port], tmp_path, service)
+    try:
+        healthy = lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["status"] == "ok"  # noqa: E731
+        await asyncio.to_thread(
+            wait_until, healthy, what="gateway with the fake worker healthy"
+        )  # (it runs here)
+        url = f"ws://127.0.0.1:{port}/ws/duplex"
+        served = await open_ws(url)
+        await next_event(served, "session.created")
+        nxt, behind = await open_ws(url), await open_ws(url)
+        assert (await next_event(nxt))["position"] == 1 and (await next_event(behind))["position"] == 2
+        await served.close()
+        update = await next_event(behind, "session.queue_update")
+        assert update["position"] == 1 and worker.closing.is_set()  # told while the close is held
+        assert worker.in_session and worker.sessions == 1  # the next session has not connected
+        worker.finish_close()
+        await next_event(nxt, "session.created")
+        assert (worker.sessions, worker.refused, worker.abandoned) == (2, 0, 0)
+        for ws in (nxt, behind):
+            await ws.close()
+        worker.finish_close()
+    finally:
+        stop(gateway)
+        await worker.stop()
 
 
 async def test_session_close_while_queued_ends_the_wait(cluster: Cluster) -> None:

@@ -218,6 +218,82 @@ async def test_wait_past_request_timeout_ends_with_queue_timeout() -> None:
     assert rec.rejects == ["queue_timeout"] and pool.queue_length == 1
 
 
+def test_refused_tickets_at_the_head_expire_whatever_their_order() -> None:
+    # Refused tickets go back to the head in refusal order, not arrival order: the older one behind a
+    # younger one must still expire (the search for expired tickets may stop only behind them).
+    pool, clock, rec = make_pool(2, timeout=30)
+    old = pool.submit("chat")
+    clock.advance(20)
+    young = pool.submit("chat")
+    behind = pool.submit("chat")
+    for ticket in (old, young):
+        assert ticket.lease is not None
+        pool.mark_refusing(ticket.lease.worker, "not_ready")
+        pool.requeue(ticket)
+    assert [t.id for t in pool.waiting()] == [young.id, old.id, behind.id]
+    clock.advance(15)
+    pool.tick()
+    assert (old.state, young.state, behind.state) == ("expired", "waiting", "waiting")
+    assert rec.rejects == ["queue_timeout"]
+
+
+def test_a_refused_ticket_hears_its_periodic_update_on_time() -> None:
+    # A refused ticket comes back with the status it was told before its dispatch, older than what the
+    # others in the queue were told: the tick must not skip it.
+    pool, clock, _ = make_pool(2)
+    _, b = pool.submit("chat"), pool.submit("chat")  # both workers busy until 1010
+    clock.advance(1.0)
+    told: list[float] = []
+    ticket = pool.submit("chat")
+    pool.watch(ticket, lambda status: told.append(clock.now))  # position 1, starts at 1010
+    assert told == [1001.0]
+    clock.advance(0.5)
+    assert b.lease is not None
+    b.lease.release("completed")
+    assert ticket.lease is not None
+    clock.advance(0.5)
+    other = pool.submit("chat")
+    pool.watch(other, lambda status: None)  # told at 1002
+    clock.advance(0.5)
+    pool.tick()  # nothing due yet
+    clock.advance(0.5)
+    pool.mark_refusing(ticket.lease.worker, "not_ready")
+    pool.requeue(ticket)  # back at the head, to start at 1010 as it was told at 1001: nothing new to tell
+    assert told == [1001.0] and ticket.position == 1
+    clock.advance(1.2)  # 3.2 s since it was told, 2.2 s since the other was
+    pool.tick()
+    assert told == [1001.0, 1004.2]
+
+
+@pytest.mark.parametrize("close_ends", ["done", "failed", "cancelled"])
+async def test_the_queue_moves_at_once_while_the_last_session_closes(close_ends: str) -> None:
+    pool, _, _ = make_pool(1)
+    first, nxt, behind = pool.submit("chat"), pool.submit("chat"), pool.submit("chat")
+    told: list[int] = []
+    pool.watch(behind, lambda status: told.append(status.position))
+    closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await asyncio.sleep(0)
+    assert first.lease is not None and told == [2]
+    first.lease.release("client_left", settling=closing)
+    assert nxt.state == "assigned" and pool.queue_length == 1  # the queue moved at once...
+    await asyncio.sleep(0)  # (the refresh runs on the next loop turn)
+    assert told == [2, 1]  # ...and the waiting client heard it
+    waiter = asyncio.create_task(pool.wait_assigned(nxt))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiter.done()  # but the next session uses the worker only once the last one has closed
+    if close_ends == "done":
+        closing.set_result(None)
+    elif close_ends == "failed":
+        closing.set_exception(ConnectionError("the worker dropped the connection while closing"))
+    else:
+        closing.cancel()
+    assert await asyncio.wait_for(waiter, 1) is nxt.lease
+    assert nxt.lease is not None
+    nxt.lease.release("completed")  # without a close under way, the next is ready at once
+    assert await asyncio.wait_for(pool.wait_assigned(behind), 1) is behind.lease
+
+
 async def test_dead_worker_loses_its_lease_and_rejoins_when_healthy() -> None:
     pool, _, rec = make_pool(2)
     a, b = pool.submit("audio_duplex"), pool.submit("audio_duplex")
@@ -305,6 +381,9 @@ def test_random_operations_never_leak_tickets_or_workers(ops: list[tuple[str, in
                 tickets.append(pool.submit("chat"))
             except QueueFull:
                 assert pool.queue_length == 20
+            else:
+                if n % 2:  # half the clients take pushed statuses
+                    pool.watch(tickets[-1], lambda status: None)
         elif op == "cancel" and tickets:
             pool.cancel(tickets[n % len(tickets)])
         elif op == "release" and assigned:
@@ -325,6 +404,11 @@ def test_random_operations_never_leak_tickets_or_workers(ops: list[tuple[str, in
             pool.requeue(t)
         elif op == "tick":
             pool.tick()
+            # Whatever the tick skipped walking: nobody waits past the timeout or unheard past the interval.
+            for t in pool.waiting():
+                assert clock.now - t.enqueued_at < 15
+                if t.sink is not None and t.sent is not None:
+                    assert clock.now - t.sent[2] < pool.update_interval_s
         check_invariants(pool)
     # Every lease ever handed out is released at most once; dispatch followed arrival order.
     assert len(rec.leases) == len({id(lease) for lease in rec.leases})

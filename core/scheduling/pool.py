@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -90,6 +90,8 @@ class Worker:
     last_error: str | None = None
     sessions: int = 0
     last_used: float = -math.inf
+    # The last session's close, still under way when its lease was released: the next lease waits for it.
+    settling: asyncio.Future[Any] | None = None
 
     @property
     def available(self) -> bool:
@@ -132,15 +134,25 @@ class Lease:
         self.lost = asyncio.Event()  # set when the worker is taken out of the pool mid-session
         self.outcome: Outcome | None = None
         self.paused = False
+        self.after = worker.settling  # the previous session's close, if it was still running
+
+    async def settled(self) -> None:
+        """Return once the worker's previous session has finished closing (at once if it had)."""
+        if self.after is not None and not self.after.done():
+            await asyncio.wait({self.after})  # its outcome is the previous session's business
 
     @property
     def released(self) -> bool:
         """Whether ``release`` already ran."""
         return self.outcome is not None
 
-    def release(self, outcome: Outcome) -> bool:
-        """Free the worker; True the first time, False (and nothing happens) after that."""
-        return self.pool._release(self, outcome)
+    def release(self, outcome: Outcome, *, settling: Awaitable[Any] | None = None) -> bool:
+        """Free the worker; True the first time, False (and nothing happens) after that.
+
+        ``settling`` is the session's close, when it is still under way (a close handshake with the
+        worker): the queue moves at once, and the next lease on the worker is used only after it.
+        """
+        return self.pool._release(self, outcome, settling)
 
 
 class PoolListener:
@@ -186,6 +198,7 @@ class Pool:
         self._tail: tuple[float, DispatchSimulation] | None = None
         self._to_tell: deque[Ticket] = deque()  # told TELL_SLICE per loop turn, oldest first
         self._flush_scheduled = False
+        self._told_floor = -math.inf  # see _due
 
     # ------------------------------------------------------------------ tickets
 
@@ -241,6 +254,8 @@ class Pool:
         ticket.state, ticket.lease, ticket.assigned_at = "waiting", None, None
         ticket.attempts += 1
         ticket.event.clear()
+        told = ticket.sent[2] if ticket.sent is not None else math.inf
+        self._told_floor = min(self._told_floor, told, ticket.eta_at)  # its old status is back in the queue
         self._waiting[ticket.id] = ticket
         self._waiting.move_to_end(ticket.id, last=False)
         self._dispatch()
@@ -267,9 +282,11 @@ class Pool:
             log.exception("queue status sink failed for %s", ticket.id)
 
     async def wait_assigned(self, ticket: Ticket) -> Lease:
-        """Wait until the ticket holds a lease; raise ``QueueTimeout`` or ``TicketCancelled`` if it never will."""
+        """Wait until the ticket holds a lease whose worker is done with its previous session; raise
+        ``QueueTimeout`` or ``TicketCancelled`` if it never will."""
         while True:
             if ticket.state == "assigned" and ticket.lease is not None:
+                await ticket.lease.settled()
                 return ticket.lease
             if ticket.state == "expired":
                 raise QueueTimeout(f"no worker within {self.request_timeout:g} s")
@@ -302,19 +319,18 @@ class Pool:
         """Expire tickets past ``request_timeout`` and mark updates due (every ``update_interval_s``).
 
         ``slack_s`` is the caller's tick period: an update is marked due that much early, so that the gap
-        between two updates never exceeds the interval.
+        between two updates never exceeds the interval. A tick walks only the expired tickets, and the
+        queue when an update may be due: with thousands waiting it runs four times a second.
         """
         now = self.clock()
-        expired = [t for t in self._waiting.values() if now - t.enqueued_at >= self.request_timeout]
+        expired = self._expired(now)
         for ticket in expired:
             del self._waiting[ticket.id]
             ticket.state = "expired"
             ticket.event.set()
             self.listener.on_reject("queue_timeout")
         limit = self.update_interval_s - slack_s
-        due = [
-            t for t in self._waiting.values() if t.sent is not None and not t.due and now - t.sent[2] >= limit
-        ]
+        due = self._due(now, limit) if now - self._told_floor >= limit else []
         if expired or due:
             self.refresh()  # the due updates must carry fresh ETAs
         for ticket in due:
@@ -322,6 +338,39 @@ class Pool:
             if ticket.state == "waiting" and not ticket.due and ticket.sent and now - ticket.sent[2] >= limit:
                 self._tell(ticket)
         self._flush_tells()
+
+    def _expired(self, now: float) -> list[Ticket]:
+        """The waiting tickets past ``request_timeout``, from the head until the first that is not.
+
+        Tickets handed back by a refusing worker sit at the head in any order; behind them the others
+        wait in the order they came (and were stamped), so the first young one ends the search.
+        """
+        expired = []
+        for ticket in self._waiting.values():
+            if now - ticket.enqueued_at >= self.request_timeout:
+                expired.append(ticket)
+            elif not ticket.attempts:
+                break
+        return expired
+
+    def _due(self, now: float, limit: float) -> list[Ticket]:
+        """The watched tickets last told ``limit`` or more ago; resets ``_told_floor``.
+
+        The floor is a time no waiting ticket's next due check can be earlier than: what a ticket is told
+        carries its ``eta_at``, which only grows, and a due ticket is about to be told at ``now``. Until
+        ``limit`` after it, ``tick`` need not walk the queue.
+        """
+        due, floor = [], now
+        for ticket in self._waiting.values():
+            sent = ticket.sent
+            if sent is None or ticket.due:  # the next one told carries eta_at or later
+                floor = min(floor, ticket.eta_at)
+            elif now - sent[2] >= limit:
+                due.append(ticket)
+            else:
+                floor = min(floor, sent[2])
+        self._told_floor = floor
+        return due
 
     # ------------------------------------------------------------------ ETA
 
@@ -459,7 +508,7 @@ class Pool:
             ticket.event.set()
             self.listener.on_dispatch(ticket)
 
-    def _release(self, lease: Lease, outcome: Outcome) -> bool:
+    def _release(self, lease: Lease, outcome: Outcome, settling: Awaitable[Any] | None = None) -> bool:
         if lease.outcome is not None:
             return False
         lease.outcome = outcome
@@ -467,6 +516,7 @@ class Pool:
         worker = lease.worker
         if worker.lease is lease:
             worker.lease = None
+            worker.settling = None if settling is None else asyncio.ensure_future(settling)
         worker.last_used = now
         if worker.status in ("busy", "paused"):
             worker.status = "idle"  # we ended its session; do not wait for the next health check to say so

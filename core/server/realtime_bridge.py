@@ -264,8 +264,9 @@ async def _bridge(ws: WebSocket, lease: Lease, upstream: ClientConnection) -> No
             _error_text(ErrorCode.WORKER_LOST, "the worker serving this session stopped; please reconnect"),
         )
     elif end == "client_left":
-        await upstream.close()
-        lease.release("client_left")
+        closing = asyncio.ensure_future(upstream.close())  # see duplex_bridge._bridge
+        lease.release("client_left", settling=closing)
+        await closing
     else:
         lease.release("completed")
         await _close(ws, 1000)
