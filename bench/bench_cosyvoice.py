@@ -23,7 +23,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import cpu_model
 
 from core.models.base import OUTPUT_SAMPLE_RATE
 from core.models.cosyvoice.frontend import TextTokenizer
@@ -64,17 +65,6 @@ class Measure:
     rtf: float
     audio_s: float
     chunks: int
-
-
-def cpu_model() -> str:
-    """The CPU's model name where /proc/cpuinfo tells it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_prompt(seed: int = 0) -> VoicePrompt:

@@ -30,6 +30,8 @@ import opuslib.api.decoder as opus_dec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_model
+
 from core.audio.framing import PacketFramer, pack_packets
 from core.audio.opus import OpusDecoder, OpusEncoder
 from tests.speech import espeak
@@ -51,17 +53,6 @@ def pin_to_one_core() -> str:
         os.sched_setaffinity(0, {cpu})
         return f"cpu {cpu}"
     return "not pinned (no sched_setaffinity)"
-
-
-def cpu_model() -> str:
-    """The CPU's model name where /proc/cpuinfo tells it, else the platform's word for it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_stream() -> tuple[list[bytes], list[bytes], float]:

@@ -16,6 +16,7 @@ import json
 import struct
 
 from core.protocol import ErrorCode, SessionCreated, SessionInfo, dump_event, error_event
+from core.server.ws_direct import frame_text
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -29,6 +30,8 @@ class SlowCloseWorker:
         self.refused = 0
         self.abandoned = 0  # closes the gateway stopped waiting for (it drops the connection after a while)
         self.in_session = False
+        self.health_checks = 0
+        self._checked = asyncio.Event()
         self.closing = asyncio.Event()  # a close frame arrived and its reply is held
         self._finish = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -41,6 +44,14 @@ class SlowCloseWorker:
         if self._server is not None:
             self._server.close()
 
+    async def wait_health_checks(self, n: int) -> None:
+        """Return after ``n`` more ``GET /health`` from the gateway: by then its loop has long moved on
+        from anything it did just before the first of them."""
+        target = self.health_checks + n
+        while self.health_checks < target:
+            self._checked.clear()
+            await self._checked.wait()
+
     def finish_close(self) -> None:
         """Let the held close complete (the worker is then free)."""
         self._finish.set()
@@ -49,6 +60,8 @@ class SlowCloseWorker:
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
             if head.startswith("GET /health"):
+                self.health_checks += 1
+                self._checked.set()
                 body = json.dumps({"status": "busy" if self.in_session else "idle"}).encode()
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -77,14 +90,14 @@ class SlowCloseWorker:
         if self.in_session:
             self.refused += 1
             writer.write(
-                _frame(0x1, error_event(ErrorCode.BUSY, "busy with another session", fatal=True).encode())
+                frame_text(error_event(ErrorCode.BUSY, "busy with another session", fatal=True).encode())
             )
-            writer.write(_frame(0x8, struct.pack("!H", 1013)))
+            writer.write(_close_frame(1013))
             return
         self.in_session, self.sessions = True, self.sessions + 1
         try:
             created = SessionCreated(session=SessionInfo(id=f"slow-{self.sessions}", models={"asr": "fake"}))
-            writer.write(_frame(0x1, dump_event(created).encode()))
+            writer.write(frame_text(dump_event(created).encode()))
             while True:
                 opcode = await _read_frame(reader)
                 if opcode == 0x8:  # the gateway closes: hold the reply until the test says
@@ -99,17 +112,15 @@ class SlowCloseWorker:
                     if finished.cancelled() or not finished.result():
                         self.abandoned += 1
                         return
-                    writer.write(_frame(0x8, struct.pack("!H", 1000)))
+                    writer.write(_close_frame(1000))
                     return
         finally:
             self.in_session = False
 
 
-def _frame(opcode: int, payload: bytes) -> bytes:
-    """An unmasked, final server frame."""
-    if len(payload) < 126:
-        return bytes((0x80 | opcode, len(payload))) + payload
-    return struct.pack("!BBH", 0x80 | opcode, 126, len(payload)) + payload
+def _close_frame(code: int) -> bytes:
+    """An unmasked close frame with ``code``."""
+    return struct.pack("!BBH", 0x88, 2, code)
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> int:

@@ -274,7 +274,8 @@ async def test_the_queue_moves_at_once_while_the_last_session_closes(close_ends:
     closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     await asyncio.sleep(0)
     assert first.lease is not None and told == [2]
-    first.lease.release("client_left", settling=closing)
+    releasing = asyncio.create_task(first.lease.release_while_closing("client_left", closing))
+    await asyncio.sleep(0)  # (the release runs in that task's first step)
     assert nxt.state == "assigned" and pool.queue_length == 1  # the queue moved at once...
     await asyncio.sleep(0)  # (the refresh runs on the next loop turn)
     assert told == [2, 1]  # ...and the waiting client heard it
@@ -289,6 +290,9 @@ async def test_the_queue_moves_at_once_while_the_last_session_closes(close_ends:
     else:
         closing.cancel()
     assert await asyncio.wait_for(waiter, 1) is nxt.lease
+    (ended,) = await asyncio.gather(releasing, return_exceptions=True)  # the close's own outcome, passed on
+    expected = {"done": type(None), "failed": ConnectionError, "cancelled": asyncio.CancelledError}
+    assert isinstance(ended, expected[close_ends])
     assert nxt.lease is not None
     nxt.lease.release("completed")  # without a close under way, the next is ready at once
     assert await asyncio.wait_for(pool.wait_assigned(behind), 1) is behind.lease

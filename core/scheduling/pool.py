@@ -146,13 +146,16 @@ class Lease:
         """Whether ``release`` already ran."""
         return self.outcome is not None
 
-    def release(self, outcome: Outcome, *, settling: Awaitable[Any] | None = None) -> bool:
-        """Free the worker; True the first time, False (and nothing happens) after that.
+    def release(self, outcome: Outcome) -> bool:
+        """Free the worker; True the first time, False (and nothing happens) after that."""
+        return self.pool._release(self, outcome)
 
-        ``settling`` is the session's close, when it is still under way (a close handshake with the
-        worker): the queue moves at once, and the next lease on the worker is used only after it.
-        """
-        return self.pool._release(self, outcome, settling)
+    async def release_while_closing(self, outcome: Outcome, close: Awaitable[Any]) -> None:
+        """Release now and run ``close`` (the session's close handshake with the worker): the queue moves
+        at once, without waiting for the worker, and the next lease on the worker waits for the close."""
+        closing = asyncio.ensure_future(close)
+        self.pool._release(self, outcome, closing)
+        await closing
 
 
 class PoolListener:
@@ -254,8 +257,8 @@ class Pool:
         ticket.state, ticket.lease, ticket.assigned_at = "waiting", None, None
         ticket.attempts += 1
         ticket.event.clear()
-        told = ticket.sent[2] if ticket.sent is not None else math.inf
-        self._told_floor = min(self._told_floor, told, ticket.eta_at)  # its old status is back in the queue
+        # Its old status is back in the queue (what was told carries an eta_at, and eta_at only grows).
+        self._told_floor = min(self._told_floor, ticket.eta_at if ticket.sent is None else ticket.sent[2])
         self._waiting[ticket.id] = ticket
         self._waiting.move_to_end(ticket.id, last=False)
         self._dispatch()
@@ -508,7 +511,7 @@ class Pool:
             ticket.event.set()
             self.listener.on_dispatch(ticket)
 
-    def _release(self, lease: Lease, outcome: Outcome, settling: Awaitable[Any] | None = None) -> bool:
+    def _release(self, lease: Lease, outcome: Outcome, settling: asyncio.Future[Any] | None = None) -> bool:
         if lease.outcome is not None:
             return False
         lease.outcome = outcome
@@ -516,7 +519,7 @@ class Pool:
         worker = lease.worker
         if worker.lease is lease:
             worker.lease = None
-            worker.settling = None if settling is None else asyncio.ensure_future(settling)
+            worker.settling = settling
         worker.last_used = now
         if worker.status in ("busy", "paused"):
             worker.status = "idle"  # we ended its session; do not wait for the next health check to say so

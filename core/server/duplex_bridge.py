@@ -411,12 +411,9 @@ async def _bridge(state: GatewayState, ws: ClientSocket, lease: Lease, upstream:
         await _close_client(ws, 1011, "worker lost", error_event(ErrorCode.WORKER_LOST, message, fatal=True))
         await upstream.close()  # after telling the client: a hung worker may take close_timeout
     elif end == "client_left":
-        # The queue moves now: waiting clients hear their new places without waiting for the worker's
-        # close handshake, and the next session on this worker connects once it is done (bounded by
-        # close_timeout), so the worker has ended this one first.
-        closing = asyncio.ensure_future(upstream.close())
-        lease.release("client_left", settling=closing)
-        await closing
+        # Waiting clients hear their new places without waiting for the close handshake (bounded by
+        # close_timeout); the next session on this worker connects once the worker has ended this one.
+        await lease.release_while_closing("client_left", upstream.close())
     else:
         lease.release("completed")
         await _close_client(ws, _forwardable(upstream.close_code), upstream.close_reason or "")

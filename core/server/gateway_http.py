@@ -233,6 +233,17 @@ class Upload:
         return values[-1] if values else None
 
 
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it runs past ``limit`` bytes (the rest is not read)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_upload(request: Request, max_bytes: int, file_fields: tuple[str, ...] = ("file",)) -> Upload:
     """Read a multipart body (at most ``max_bytes`` of file plus form overhead) and parse it.
 
@@ -251,13 +262,9 @@ async def read_upload(request: Request, max_bytes: int, file_fields: tuple[str, 
     limit = max_bytes + FORM_OVERHEAD_BYTES
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = await read_body(request, limit)
+    if body is None:
+        raise too_large
     try:
         form = await Request(request.scope, _replay(body)).form(max_files=len(file_fields), max_fields=64)
     except Exception as exc:  # starlette raises its own HTTPException/MultiPartException on a bad body

@@ -17,7 +17,13 @@ from starlette.responses import JSONResponse, Response
 
 from core.protocol import ErrorCode
 from core.scheduling.pool import QueueFull, Ticket
-from core.server.gateway_http import CallFailed, unless_disconnected, upstream_query, worker_response
+from core.server.gateway_http import (
+    CallFailed,
+    read_body,
+    unless_disconnected,
+    upstream_query,
+    worker_response,
+)
 
 if TYPE_CHECKING:
     from core.server.gateway_state import GatewayState
@@ -37,16 +43,6 @@ def error_response(
 def retry_after(seconds: float) -> dict[str, str]:
     """A ``Retry-After`` header of at least one second."""
     return {"Retry-After": str(int(max(1, seconds)))}
-
-
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _proxy_ticket(
@@ -83,7 +79,7 @@ async def proxy_request(state: GatewayState, request: Request, kind: str, path: 
         return error_response(
             503, ErrorCode.QUEUE_FULL, "the queue is full", retry_after(pool.retry_after_s())
         )
-    body = await _read_body(request, limit)
+    body = await read_body(request, limit)
     if body is None:
         return error_response(413, ErrorCode.PAYLOAD_TOO_LARGE, f"request body over {limit} bytes")
     try:

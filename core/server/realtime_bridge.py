@@ -264,9 +264,7 @@ async def _bridge(ws: WebSocket, lease: Lease, upstream: ClientConnection) -> No
             _error_text(ErrorCode.WORKER_LOST, "the worker serving this session stopped; please reconnect"),
         )
     elif end == "client_left":
-        closing = asyncio.ensure_future(upstream.close())  # see duplex_bridge._bridge
-        lease.release("client_left", settling=closing)
-        await closing
+        await lease.release_while_closing("client_left", upstream.close())
     else:
         lease.release("completed")
         await _close(ws, 1000)
