@@ -4,9 +4,9 @@ Two pieces:
 
 - ``DurationModel``: the expected duration of one request per type — the configured baseline until
   ``min_samples`` real durations are seen, then an exponential moving average seeded with their mean.
-- ``ticket_etas`` / ``DispatchSimulation``: each waiting ticket's wait by simulated dispatch. Every healthy worker frees at its
-  remaining time (``remaining_s``); each ticket in queue order takes the earliest-free worker (a min-heap),
-  which then frees at that moment plus the ticket's expected duration.
+- ``ticket_etas`` / ``DispatchSimulation``: each waiting ticket's wait by simulated dispatch. Every healthy
+  worker frees at its remaining time (``remaining_s``); each ticket in queue order takes the earliest-free
+  worker (a min-heap), which then frees at that moment plus the ticket's expected duration.
 """
 
 from __future__ import annotations

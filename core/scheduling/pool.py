@@ -416,9 +416,9 @@ class Pool:
                 else:
                     self._tell(ticket)
         self._tail = (now, sim)
-        if told < TELL_SLICE:
-            self._flush_tells()  # those queued before this pass
-        elif not self._schedule_flush():  # this turn has told its slice; without a loop, go on now
+        # The rest (and those queued before this pass) on later turns once this one has told its slice;
+        # without a loop, now.
+        if told < TELL_SLICE or not self._schedule_flush():
             self._flush_tells()
 
     def _tell(self, ticket: Ticket) -> None:
