@@ -3,10 +3,13 @@
     .venv/bin/python bench/bench_gateway.py [--quick] [--max-clients 10000] [--budget-s 240]
 
 Everything runs on loopback against mock workers (tests/mock_worker.py); the gateway is a real
-``gateway.py --http`` process: one single-threaded event loop, so it uses at most one core. Where the
-machine has two or more CPUs the gateway is pinned to the first and this process (the clients) and the mock
-workers to the others, so that the gateway has one core of its own, as the result claims; on a shared machine,
-where a pinned process cannot move off a core someone else is busy on, ``--no-pin`` leaves it to the scheduler.
+``gateway.py --http`` process: one single-threaded event loop, so it uses at most one core. For part 3, where
+the machine has two or more CPUs, the gateway is pinned to the first and this process (the clients) and the
+mock workers to the others, so that the gateway has one core of its own, as the result claims; on a shared
+machine, where a pinned process cannot move off a core someone else is busy on, ``--no-pin`` leaves it to the
+scheduler. Parts 1 and 2 are never pinned: a frame through a pinned gateway wakes a process on the other CPU
+at every step, and on a VM guest that halts at once when idle each such wake-up goes through the host, whose
+jitter then dominates the tail (measured here: single rounds with p95 above 1 ms pinned, none unpinned).
 
 1. Hop latency: a 100-byte binary frame echoed by the mock worker, round trip through the gateway vs.
    straight to the worker, interleaved rounds in the same run; p50/p95 and what the hop adds.
@@ -22,7 +25,10 @@ where a pinned process cannot move off a core someone else is busy on, ``--no-pi
    p95 are printed too). "max gap" is the longest time a client went without an update (the periodic
    ones are due every 3 s). Meanwhile a live session on the second worker echoes a frame through the
    gateway every 5 ms from its own process: its round trips during the bursts show what telling
-   thousands of waiting clients costs the sessions that are talking.
+   thousands of waiting clients costs the sessions that are talking. The peer: at the gateway's last two
+   steps, the same clients and bursts against bench/fanout_floor.py, a bare asyncio server pinned to the same
+   core that only writes each waiting client its new position. Its lag is the floor this machine sets for a
+   server built like ours (one event loop, one send per client); the gap to it is the gateway's own work.
 
 Ends with ``RESULT hop_p95_ms=... eta_mae_s=... max_waiting_clients=...``.
 """
@@ -33,6 +39,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import itertools
 import json
@@ -59,6 +67,7 @@ from websockets.asyncio.client import ClientConnection, connect
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 LAG_TARGET_S = 0.100
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 # --------------------------------------------------------------------------- processes
@@ -82,6 +91,50 @@ def wait_http(url: str, check: Callable[[httpx.Response], bool], timeout: float 
     raise RuntimeError(f"{url} not ready in {timeout} s")
 
 
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def spawn(args: list[str], tmp: Path, cpu: int | None) -> subprocess.Popen[bytes]:
+    """Start ``python *args`` in ``tmp`` (output to procs.log), pinned to ``cpu`` when one is given."""
+
+    def pin() -> None:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
+    env = {k: v for k, v in os.environ.items() if k != "DUPLEX_API_KEY"}
+    log = open(tmp / "procs.log", "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [PY, *args], stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin, env=env, cwd=tmp
+    )
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 class Cluster:
     """Mock workers and one gateway, stopped on exit."""
 
@@ -103,15 +156,7 @@ class Cluster:
         wait_http(self.http + "/health", lambda r: r.json()["status"] == "ok")
 
     def _spawn(self, args: list[str], tmp: Path, cpu: int | None) -> subprocess.Popen[bytes]:
-        def pin() -> None:
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
-
-        env = {k: v for k, v in os.environ.items() if k != "DUPLEX_API_KEY"}
-        log = open(tmp / "procs.log", "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen(
-            [PY, *args], stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin, env=env, cwd=tmp
-        )
+        proc = spawn(args, tmp, cpu)
         self.procs.append(proc)
         return proc
 
@@ -127,20 +172,10 @@ class Cluster:
 
     def gateway_cpu_s(self) -> float:
         """User + system CPU seconds the gateway process has used."""
-        try:
-            fields = Path(f"/proc/{self.gateway.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return float("nan")
+        return cpu_s(self.gateway.pid)
 
     def gateway_rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.gateway.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
+        return rss_mb(self.gateway.pid)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -197,10 +232,18 @@ async def _round_trips(url: str, n: int) -> list[float]:
 async def bench_hop(cluster: Cluster, rounds: int, per_round: int) -> dict[str, float]:
     direct: list[float] = []
     via: list[float] = []
-    for _ in range(rounds):
-        direct += await _round_trips(cluster.worker_ws(0), per_round)
-        via += await _round_trips(cluster.gateway_ws(), per_round)
     ms = 1000.0
+    for i in range(rounds):
+        d = await _round_trips(cluster.worker_ws(0), per_round)
+        v = await _round_trips(cluster.gateway_ws(), per_round)
+        direct += d
+        via += v
+        # Per round, so that a round another tenant of the machine disturbed shows as one.
+        print(
+            f"   round {i + 1}: direct p50 / p95 {pct(d, 0.5) * ms:.3f} / {pct(d, 0.95) * ms:.3f} ms,"
+            f" through the gateway {pct(v, 0.5) * ms:.3f} / {pct(v, 0.95) * ms:.3f} ms",
+            flush=True,
+        )
     out = {
         "direct_p50": pct(direct, 0.5) * ms,
         "direct_p95": pct(direct, 0.95) * ms,
@@ -496,6 +539,24 @@ async def _trigger(clients: list[LeanClient], hits: HitCounter, timeout: float) 
     return list(lags.values()), len(waiting) - len(lags)
 
 
+async def _bursts(
+    clients: list[LeanClient], hits: HitCounter, triggers: int
+) -> tuple[list[float], list[float], int, int]:
+    """``triggers`` bursts in a row: every lag, each burst's p95 (inf where a client never heard), the
+    clients that never heard, and the fewest waiting at any burst."""
+    lags: list[float] = []
+    burst_p95: list[float] = []
+    missed, fewest_waiting = 0, len(clients)
+    for _ in range(triggers):
+        got, miss = await _trigger(clients, hits, timeout=5.0)
+        fewest_waiting = min(fewest_waiting, len(got) + miss)
+        lags += got
+        burst_p95.append(pct(got, 0.95) if not miss else float("inf"))
+        missed += miss
+        await asyncio.sleep(0.3)
+    return lags, burst_p95, missed, fewest_waiting
+
+
 def _max_update_gap(clients: list[LeanClient], since: float) -> float:
     gaps = []
     for c in clients:
@@ -537,19 +598,9 @@ async def bench_waiting(
             connect_s = time.monotonic() - t_conn
             await asyncio.sleep(0.5)
             since = time.monotonic()
-            lags: list[float] = []
-            burst_p95: list[float] = []
-            missed = 0
-            fewest_waiting = target
             first_burst = len(BURSTS)
             cpu_before = cluster.gateway_cpu_s()
-            for _ in range(triggers):
-                got, miss = await _trigger(clients, hits, timeout=5.0)
-                fewest_waiting = min(fewest_waiting, len(got) + miss)
-                lags += got
-                burst_p95.append(pct(got, 0.95) if not miss else float("inf"))
-                missed += miss
-                await asyncio.sleep(0.3)
+            lags, burst_p95, missed, fewest_waiting = await _bursts(clients, hits, triggers)
             cpu_per_update = (cluster.gateway_cpu_s() - cpu_before) / max(1, len(lags))
             windows.append(BURSTS[first_burst:])
             for _ in range(7):  # let every client see periodic updates; answer pings meanwhile
@@ -596,7 +647,57 @@ async def bench_waiting(
     return rows
 
 
+async def bench_peer(port: int, pid: int, levels: list[int], triggers: int) -> list[dict[str, Any]]:
+    """Part 3 against the bare fan-out server (bench/fanout_floor.py): the same clients, trigger and levels."""
+    clients: list[LeanClient] = []
+    rows: list[dict[str, Any]] = []
+    hits = HitCounter()
+    try:
+        for level in levels:
+            target = level + triggers + 1
+            clients += await _connect_lean(port, target - len([c for c in clients if not c.closed]), hits)
+            await asyncio.sleep(0.5)
+            cpu_before = cpu_s(pid)
+            lags, burst_p95, missed, fewest_waiting = await _bursts(clients, hits, triggers)
+            row = {
+                "waiting": fewest_waiting,
+                "lag_p50_ms": pct(lags, 0.5) * 1000,
+                "lag_p95_ms": pct(lags, 0.95) * 1000 if not missed else float("inf"),
+                "burst_p95_ms": statistics.median(burst_p95) * 1000,
+                "cpu_us": (cpu_s(pid) - cpu_before) / max(1, len(lags)) * 1e6,
+                "missed": missed,
+            }
+            rows.append(row)
+            print(
+                f"  {row['waiting']:>6} waiting, bare fan-out peer: lag p50 {row['lag_p50_ms']:7.1f} ms"
+                f"  p95 {row['lag_p95_ms']:7.1f} ms  (median burst p95 {row['burst_p95_ms']:7.1f} ms)"
+                f"  missed {missed}  CPU {row['cpu_us']:.0f} us/update"
+                f"  bursts p95 {' '.join(f'{b * 1000:.0f}' for b in burst_p95)} ms",
+                flush=True,
+            )
+    finally:
+        for c in clients:
+            c.leave()
+    return rows
+
+
 # --------------------------------------------------------------------------- main
+
+
+def _heap_for_reads() -> bool:
+    """Serve this process's socket reads from the heap rather than a fresh mapping each (glibc only).
+
+    asyncio reads with ``recv(256 KiB)``; the buffer is over glibc's initial mmap threshold (128 KiB), so
+    each read maps, shrinks and later unmaps its own pages until something happens to raise the threshold.
+    With thousands of clients in this process that costs more kernel time per burst than the server spends
+    sending it: the clients, not the server, were the bottleneck in some runs (a fresh process) and not in
+    others (one whose threshold an earlier large free had raised). At 1 MiB every run reads the same way.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def _raise_fd_limit() -> int:
@@ -618,23 +719,22 @@ def main(argv: list[str]) -> int:
         "--no-pin",
         dest="pin",
         action="store_false",
-        help="do not pin the gateway to the first CPU and the rest to the others (a shared machine)",
+        help="part 3: do not pin the gateway to the first CPU and the rest to the others (a shared machine)",
     )
     p.add_argument(
         "--spin", action="store_true", help="busy-poll the waiting clients (machines with idle cores)"
     )
     args = p.parse_args(argv)
     fds = _raise_fd_limit()
+    heap_reads = _heap_for_reads()
     max_clients = min(args.max_clients, (fds - 200) // 2 if fds < 40_000 else args.max_clients)
     cpus = sorted(os.sched_getaffinity(0))
     gateway_cpu = cpus[0] if args.pin and len(cpus) > 1 else None
-    if gateway_cpu is not None:
-        os.sched_setaffinity(0, set(cpus[1:]))
-    pinned = f"pinned to CPU {gateway_cpu}" if gateway_cpu is not None else "not pinned"
+    pinned = f"pinned to CPU {gateway_cpu} in part 3" if gateway_cpu is not None else "not pinned"
     load = os.getloadavg()[0]
     print(
         f"bench_gateway: {cpu_model()}, {os.cpu_count()} CPUs, load {load:.1f}, gateway {pinned}, fd limit {fds}"
-        f"{idle_note()}"
+        f"{idle_note()}{'' if heap_reads else ', clients read through mmap (not glibc)'}"
     )
     levels = [
         lvl
@@ -653,10 +753,11 @@ def main(argv: list[str]) -> int:
     )
     eta = dict.fromkeys(("clients", "queued", "mae", "bias", "mean_wait", "p95_error"), nan)
     rows: list[dict[str, Any]] = []
+    peer_rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_gw_") as tmp:
         base = {"health_interval_s": 0.5, "queue_update_interval_s": 3.0}
         if 1 in parts:
-            cluster = Cluster(Path(tmp), 1, base, gateway_cpu)
+            cluster = Cluster(Path(tmp), 1, base, None)
             try:
                 print("1. hop latency (100-byte echo, round trip)", flush=True)
                 hop = asyncio.run(bench_hop(cluster, 2 if args.quick else 5, 200 if args.quick else 600))
@@ -664,13 +765,15 @@ def main(argv: list[str]) -> int:
                 cluster.stop()
         if 2 in parts:
             eta_service = {**base, "eta_audio_duplex_s": 0.2, "eta_chat_s": 0.065, "eta_transcribe_s": 0.065}
-            cluster = Cluster(Path(tmp), 2, eta_service, gateway_cpu)
+            cluster = Cluster(Path(tmp), 2, eta_service, None)
             try:
                 print("2. ETA accuracy (mixed workload)", flush=True)
                 eta = asyncio.run(bench_eta(cluster, 40 if args.quick else 150))
             finally:
                 cluster.stop()
         if 3 in parts:
+            if gateway_cpu is not None:  # the clients and the mock workers (spawned from here) off its core
+                os.sched_setaffinity(0, set(cpus[1:]))
             cluster = Cluster(Path(tmp), 2, {**base, "max_queue_size": 20_000}, gateway_cpu)
             try:
                 print(
@@ -680,6 +783,18 @@ def main(argv: list[str]) -> int:
                 rows = asyncio.run(bench_waiting(cluster, levels, triggers=5, budget_s=args.budget_s))
             finally:
                 cluster.stop()
+            # The peer at the levels where the gateway's result was decided (its last two).
+            port = free_port()
+            floor = spawn(
+                [str(ROOT / "bench" / "fanout_floor.py"), "--port", str(port)], Path(tmp), gateway_cpu
+            )
+            try:
+                wait_port(port)
+                print("   the same against a bare fan-out server on the same core (bench/fanout_floor.py)")
+                peer_rows = asyncio.run(bench_peer(port, floor.pid, levels[: len(rows)][-2:], triggers=5))
+            finally:
+                floor.kill()
+                floor.wait(5)
 
     good = [r["waiting"] for r in rows if r["burst_p95_ms"] < LAG_TARGET_S * 1000]
     max_waiting = max(good) if good else 0
@@ -707,6 +822,11 @@ def main(argv: list[str]) -> int:
                 f"| {r['waiting']} waiting: live session echo RTT during the bursts p50 / p95 / max | "
                 f"{r['live_p50_ms']:.2f} / {r['live_p95_ms']:.2f} / {r['live_max_ms']:.2f} ms |"
             )
+    for r in peer_rows:
+        print(
+            f"| {r['waiting']} waiting, bare fan-out peer: update lag p50 / p95 (median burst p95) | "
+            f"{r['lag_p50_ms']:.1f} / {r['lag_p95_ms']:.1f} ({r['burst_p95_ms']:.1f}) ms, CPU {r['cpu_us']:.0f} us/update |"
+        )
     print(f"| waiting clients with update lag p95 < 100 ms (median of 5 bursts) | {max_waiting} |")
     big = [r for r in rows if r["waiting"] >= 900]
     if big:
