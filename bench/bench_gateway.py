@@ -9,7 +9,8 @@ mock workers to the others, so that the gateway has one core of its own, as the 
 machine, where a pinned process cannot move off a core someone else is busy on, ``--no-pin`` leaves it to the
 scheduler. Parts 1 and 2 are never pinned: a frame through a pinned gateway wakes a process on the other CPU
 at every step, and on a VM guest that halts at once when idle each such wake-up goes through the host, whose
-jitter then dominates the tail (measured here: single rounds with p95 above 1 ms pinned, none unpinned).
+jitter then shows in the tail (in back-to-back runs on the development VM, pinned rounds had p95 above 1 ms
+and unpinned ones did not).
 
 1. Hop latency: a 100-byte binary frame echoed by the mock worker, round trip through the gateway vs.
    straight to the worker, interleaved rounds in the same run; p50/p95 and what the hop adds.
