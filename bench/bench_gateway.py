@@ -7,10 +7,9 @@ Everything runs on loopback against mock workers (tests/mock_worker.py); the gat
 the machine has two or more CPUs, the gateway is pinned to the first and this process (the clients) and the
 mock workers to the others, so that the gateway has one core of its own, as the result claims; on a shared
 machine, where a pinned process cannot move off a core someone else is busy on, ``--no-pin`` leaves it to the
-scheduler. Parts 1 and 2 are never pinned: a frame through a pinned gateway wakes a process on the other CPU
-at every step, and on a VM guest that halts at once when idle each such wake-up goes through the host, whose
-jitter then shows in the tail (in back-to-back runs on the development VM, pinned rounds had p95 above 1 ms
-and unpinned ones did not).
+scheduler. Parts 1 and 2 are never pinned, as start_all.sh does not pin: pinned, a frame through the gateway
+wakes a process on the other CPU at every step, and on a VM guest that halts at once when idle each such
+wake-up is an exit to the host (the hop's median rose by about a tenth of a millisecond on the development VM).
 
 1. Hop latency: a 100-byte binary frame echoed by the mock worker, round trip through the gateway vs.
    straight to the worker, interleaved rounds in the same run; p50/p95 and what the hop adds.
