@@ -170,10 +170,6 @@ class Cluster:
     def gateway_ws(self, query: str = "") -> str:
         return f"ws://127.0.0.1:{self.port}/ws/duplex{query}"
 
-    def gateway_cpu_s(self) -> float:
-        """User + system CPU seconds the gateway process has used."""
-        return cpu_s(self.gateway.pid)
-
     def gateway_rss_mb(self) -> float:
         return rss_mb(self.gateway.pid)
 
@@ -539,22 +535,44 @@ async def _trigger(clients: list[LeanClient], hits: HitCounter, timeout: float) 
     return list(lags.values()), len(waiting) - len(lags)
 
 
-async def _bursts(
-    clients: list[LeanClient], hits: HitCounter, triggers: int
-) -> tuple[list[float], list[float], int, int]:
-    """``triggers`` bursts in a row: every lag, each burst's p95 (inf where a client never heard), the
-    clients that never heard, and the fewest waiting at any burst."""
+async def _step(
+    port: int, pid: int, clients: list[LeanClient], hits: HitCounter, level: int, triggers: int
+) -> dict[str, Any]:
+    """One step of part 3: connect clients up to ``level`` waiting, then ``triggers`` bursts in a row.
+
+    The row: the fewest waiting at any burst, the pooled lag percentiles (p95 inf where a client never
+    heard), each burst's p95 and their median, and the server's (``pid``) CPU per update.
+    """
+    t_conn = time.monotonic()
+    # One served client plus ``level`` waiting at the last burst: every burst moves at least ``level`` up.
+    target = level + triggers + 1
+    clients.extend(await _connect_lean(port, target - len([c for c in clients if not c.closed]), hits))
+    connect_s = time.monotonic() - t_conn
+    await asyncio.sleep(0.5)
+    since = time.monotonic()
+    cpu_before = cpu_s(pid)
     lags: list[float] = []
-    burst_p95: list[float] = []
-    missed, fewest_waiting = 0, len(clients)
+    bursts: list[float] = []
+    missed, fewest_waiting = 0, target
     for _ in range(triggers):
         got, miss = await _trigger(clients, hits, timeout=5.0)
         fewest_waiting = min(fewest_waiting, len(got) + miss)
         lags += got
-        burst_p95.append(pct(got, 0.95) if not miss else float("inf"))
+        bursts.append(pct(got, 0.95) if not miss else float("inf"))
         missed += miss
         await asyncio.sleep(0.3)
-    return lags, burst_p95, missed, fewest_waiting
+    return {
+        "waiting": fewest_waiting,
+        "connect_s": connect_s,
+        "since": since,
+        "lag_p50_ms": pct(lags, 0.5) * 1000,
+        "lag_p95_ms": pct(lags, 0.95) * 1000 if not missed else float("inf"),
+        "lag_max_ms": max(lags) * 1000 if lags else float("nan"),
+        "bursts_p95_ms": [b * 1000 for b in bursts],
+        "burst_p95_ms": statistics.median(bursts) * 1000,
+        "cpu_us": (cpu_s(pid) - cpu_before) / max(1, len(lags)) * 1e6,
+        "missed": missed,
+    }
 
 
 def _max_update_gap(clients: list[LeanClient], since: float) -> float:
@@ -588,44 +606,22 @@ async def bench_waiting(
         for level in levels:
             if time.monotonic() - started > budget_s:
                 break
-            t_conn = time.monotonic()
-            # One served client plus ``level`` waiting at the last burst: every burst moves at least
-            # ``level`` waiting clients up.
-            target = level + triggers + 1
-            clients += await _connect_lean(
-                cluster.port, target - len([c for c in clients if not c.closed]), hits
-            )
-            connect_s = time.monotonic() - t_conn
-            await asyncio.sleep(0.5)
-            since = time.monotonic()
             first_burst = len(BURSTS)
-            cpu_before = cluster.gateway_cpu_s()
-            lags, burst_p95, missed, fewest_waiting = await _bursts(clients, hits, triggers)
-            cpu_per_update = (cluster.gateway_cpu_s() - cpu_before) / max(1, len(lags))
+            row = await _step(cluster.port, cluster.gateway.pid, clients, hits, level, triggers)
             windows.append(BURSTS[first_burst:])
             for _ in range(7):  # let every client see periodic updates; answer pings meanwhile
                 await asyncio.sleep(0.5)
                 for c in clients:
                     c.process()
-            row = {
-                "waiting": fewest_waiting,
-                "connect_s": connect_s,
-                "lag_p50_ms": pct(lags, 0.5) * 1000,
-                "lag_p95_ms": pct(lags, 0.95) * 1000 if not missed else float("inf"),
-                "burst_p95_ms": statistics.median(burst_p95) * 1000,
-                "cpu_us": cpu_per_update * 1e6,
-                "lag_max_ms": max(lags) * 1000 if lags else float("nan"),
-                "missed": missed,
-                "max_gap_s": _max_update_gap(clients, since),
-                "rss_mb": cluster.gateway_rss_mb(),
-            }
+            row["max_gap_s"] = _max_update_gap(clients, row["since"])
+            row["rss_mb"] = cluster.gateway_rss_mb()
             rows.append(row)
             print(
                 f"  {row['waiting']:>6} waiting: lag p50 {row['lag_p50_ms']:7.1f} ms  p95 {row['lag_p95_ms']:7.1f} ms"
                 f"  (median burst p95 {row['burst_p95_ms']:7.1f} ms)  max {row['lag_max_ms']:7.1f} ms"
-                f"  missed {missed}  max gap {row['max_gap_s']:.2f} s  gateway CPU {row['cpu_us']:.0f} us/update"
-                f"  gateway RSS {row['rss_mb']:.0f} MB  (connect {connect_s:.1f} s)"
-                f"  bursts p95 {' '.join(f'{b * 1000:.0f}' for b in burst_p95)} ms",
+                f"  missed {row['missed']}  max gap {row['max_gap_s']:.2f} s  gateway CPU {row['cpu_us']:.0f} us/update"
+                f"  gateway RSS {row['rss_mb']:.0f} MB  (connect {row['connect_s']:.1f} s)"
+                f"  bursts p95 {' '.join(f'{b:.0f}' for b in row['bursts_p95_ms'])} ms",
                 flush=True,
             )
             if row["burst_p95_ms"] >= LAG_TARGET_S * 1000:
@@ -654,25 +650,13 @@ async def bench_peer(port: int, pid: int, levels: list[int], triggers: int) -> l
     hits = HitCounter()
     try:
         for level in levels:
-            target = level + triggers + 1
-            clients += await _connect_lean(port, target - len([c for c in clients if not c.closed]), hits)
-            await asyncio.sleep(0.5)
-            cpu_before = cpu_s(pid)
-            lags, burst_p95, missed, fewest_waiting = await _bursts(clients, hits, triggers)
-            row = {
-                "waiting": fewest_waiting,
-                "lag_p50_ms": pct(lags, 0.5) * 1000,
-                "lag_p95_ms": pct(lags, 0.95) * 1000 if not missed else float("inf"),
-                "burst_p95_ms": statistics.median(burst_p95) * 1000,
-                "cpu_us": (cpu_s(pid) - cpu_before) / max(1, len(lags)) * 1e6,
-                "missed": missed,
-            }
+            row = await _step(port, pid, clients, hits, level, triggers)
             rows.append(row)
             print(
                 f"  {row['waiting']:>6} waiting, bare fan-out peer: lag p50 {row['lag_p50_ms']:7.1f} ms"
                 f"  p95 {row['lag_p95_ms']:7.1f} ms  (median burst p95 {row['burst_p95_ms']:7.1f} ms)"
-                f"  missed {missed}  CPU {row['cpu_us']:.0f} us/update"
-                f"  bursts p95 {' '.join(f'{b * 1000:.0f}' for b in burst_p95)} ms",
+                f"  missed {row['missed']}  CPU {row['cpu_us']:.0f} us/update"
+                f"  bursts p95 {' '.join(f'{b:.0f}' for b in row['bursts_p95_ms'])} ms",
                 flush=True,
             )
     finally:
@@ -783,7 +767,8 @@ def main(argv: list[str]) -> int:
                 rows = asyncio.run(bench_waiting(cluster, levels, triggers=5, budget_s=args.budget_s))
             finally:
                 cluster.stop()
-            # The peer at the levels where the gateway's result was decided (its last two).
+        if 3 in parts and rows:
+            # The peer at the steps where the gateway's result was decided (its last two).
             port = free_port()
             floor = spawn(
                 [str(ROOT / "bench" / "fanout_floor.py"), "--port", str(port)], Path(tmp), gateway_cpu

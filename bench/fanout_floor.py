@@ -21,17 +21,17 @@ import asyncio
 import base64
 import hashlib
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.server.ws_direct import frame_text  # the gateway's own frame builder: the same bytes per update
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 _UPDATE = b'{"type":"session.queue_update","position":%d,"eta_s":%.2f,"queue_length":%d}'
 _QUEUED = b'{"type":"session.queued","position":%d,"eta_s":%.2f,"queue_length":%d}'
 _DONE = b'{"type":"session.queue_done","waited_s":0.0}'
 _MAX_REQUEST = 16 * 1024
-
-
-def _frame(payload: bytes) -> bytes:
-    # Every payload here is under 126 bytes: a two-byte header.
-    return bytes((0x81, len(payload))) + payload
 
 
 class FloorQueue:
@@ -108,7 +108,7 @@ class Client(asyncio.Protocol):
 
     def send(self, payload: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_frame(payload))
+            self.transport.write(frame_text(payload))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
