@@ -29,8 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.config import Config, ServiceConfig
 from core.protocol import parse_server_event
-from core.scheduling.pool import QueueStatus
-from core.server.duplex_bridge import _queue_event
+from core.server.duplex_bridge import _queue_event_bytes
 from core.server.gateway_app import create_app, parse_workers
 from core.server.tls import certificate_hosts
 from tests.duplex_client import free_port, stop
@@ -648,8 +647,8 @@ async def test_api_key_from_the_environment_wins(tmp_path: Path, monkeypatch: py
 
 
 def test_queue_events_are_valid_protocol_events() -> None:
-    first = parse_server_event(_queue_event(QueueStatus(3, 12.3456, 7, True)))
-    later = parse_server_event(_queue_event(QueueStatus(2, 0.0, 6, False)))
+    first = parse_server_event(_queue_event_bytes(3, 12.3456, 7, True).decode())
+    later = parse_server_event(_queue_event_bytes(2, 0.0, 6, False).decode())
     assert (first.type, first.position, first.eta_s, first.queue_length) == ("session.queued", 3, 12.35, 7)
     assert (later.type, later.position) == ("session.queue_update", 2)
 

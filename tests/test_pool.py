@@ -4,6 +4,7 @@ cancel/timeout/full, health transitions, and queue updates on change and when du
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -18,10 +19,18 @@ from core.scheduling.pool import (
     Pool,
     PoolListener,
     QueueFull,
+    QueueSink,
+    QueueStatus,
     QueueTimeout,
     Ticket,
     TicketCancelled,
 )
+
+
+def statuses(hear: Callable[[QueueStatus], object]) -> QueueSink:
+    """A sink that hands ``hear`` each status as one QueueStatus."""
+    return lambda *status: hear(QueueStatus(*status)) and None
+
 
 BASE = {"chat": 10.0, "streaming": 20.0, "audio_duplex": 60.0, "transcribe": 5.0, "speech": 5.0}
 
@@ -245,7 +254,7 @@ def test_a_refused_ticket_hears_its_periodic_update_on_time() -> None:
     clock.advance(1.0)
     told: list[float] = []
     ticket = pool.submit("chat")
-    pool.watch(ticket, lambda status: told.append(clock.now))  # position 1, starts at 1010
+    pool.watch(ticket, statuses(lambda status: told.append(clock.now)))  # position 1, starts at 1010
     assert told == [1001.0]
     clock.advance(0.5)
     assert b.lease is not None
@@ -253,7 +262,7 @@ def test_a_refused_ticket_hears_its_periodic_update_on_time() -> None:
     assert ticket.lease is not None
     clock.advance(0.5)
     other = pool.submit("chat")
-    pool.watch(other, lambda status: None)  # told at 1002
+    pool.watch(other, statuses(lambda status: None))  # told at 1002
     clock.advance(0.5)
     pool.tick()  # nothing due yet
     clock.advance(0.5)
@@ -270,7 +279,7 @@ async def test_the_queue_moves_at_once_while_the_last_session_closes(close_ends:
     pool, _, _ = make_pool(1)
     first, nxt, behind = pool.submit("chat"), pool.submit("chat"), pool.submit("chat")
     told: list[int] = []
-    pool.watch(behind, lambda status: told.append(status.position))
+    pool.watch(behind, statuses(lambda status: told.append(status.position)))
     closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     await asyncio.sleep(0)
     assert first.lease is not None and told == [2]
@@ -387,7 +396,7 @@ def test_random_operations_never_leak_tickets_or_workers(ops: list[tuple[str, in
                 assert pool.queue_length == 20
             else:
                 if n % 2:  # half the clients take pushed statuses
-                    pool.watch(tickets[-1], lambda status: None)
+                    pool.watch(tickets[-1], statuses(lambda status: None))
         elif op == "cancel" and tickets:
             pool.cancel(tickets[n % len(tickets)])
         elif op == "release" and assigned:
@@ -452,7 +461,7 @@ def test_a_ticket_joining_the_tail_costs_one_step_and_gets_the_eta_of_a_full_pas
         predicted = pool.eta_for_new(kind)
         t = pool.submit(kind)
         assert t.eta_s == pytest.approx(predicted, abs=1e-9)  # the wait the job API quotes before a submit
-        pool.watch(t, lambda s, t=t: heard.append(f"{t.id}@{s.position}"))
+        pool.watch(t, statuses(lambda s, t=t: heard.append(f"{t.id}@{s.position}")))
         assert heard[-1] == f"{t.id}@{pool.queue_length}"  # told at once, at the tail
         position, eta = t.position, t.eta_s
         if i > 1:  # the first arrival builds the simulation; later ones only extend it
@@ -474,7 +483,7 @@ async def test_a_long_queue_is_told_in_slices_that_let_other_work_through() -> N
     heard: list[tuple[int, int]] = []
     tickets = [pool.submit("chat") for _ in range(n)]
     for i, t in enumerate(tickets):
-        pool.watch(t, lambda s, i=i: heard.append((i, s.position)))
+        pool.watch(t, statuses(lambda s, i=i: heard.append((i, s.position))))
     await _settle()
     assert sorted(heard) == [(i, i + 1) for i in range(n)]
     heard.clear()
@@ -495,7 +504,7 @@ async def test_nobody_starves_and_nobody_moves_back_when_the_queue_changes_every
     heard: dict[int, list[int]] = {i: [] for i in range(n)}
     tickets = [pool.submit("chat") for _ in range(n)]
     for i, t in enumerate(tickets):
-        pool.watch(t, lambda s, i=i: heard[i].append(s.position))
+        pool.watch(t, statuses(lambda s, i=i: heard[i].append(s.position)))
     await _settle()
     for _ in range(
         2 * TELL_SLICE // 16
@@ -518,7 +527,7 @@ def test_without_an_event_loop_everyone_is_told_at_once() -> None:
     tickets = [pool.submit("chat") for _ in range(2 * TELL_SLICE + 3)]
     heard: list[int] = []
     for t in tickets:
-        pool.watch(t, lambda s: heard.append(s.position))
+        pool.watch(t, statuses(lambda s: heard.append(s.position)))
     heard.clear()
     assert running.lease is not None
     running.lease.release("completed")
@@ -531,10 +540,10 @@ async def test_watched_tickets_get_statuses_pushed_without_waking_anyone() -> No
     t = pool.submit("chat")
     pushed: list[tuple[int, float, bool]] = []
     pool.refresh()  # the first status is due before anyone watches: delivered on watch
-    pool.watch(t, lambda s: pushed.append((s.position, round(s.eta_s, 3), s.first)))
+    pool.watch(t, statuses(lambda s: pushed.append((s.position, round(s.eta_s, 3), s.first))))
     assert pushed == [(1, 10.0, True)]
     behind = pool.submit("chat")
-    pool.watch(behind, lambda s: pushed.append((s.position + 100, round(s.eta_s, 3), s.first)))
+    pool.watch(behind, statuses(lambda s: pushed.append((s.position + 100, round(s.eta_s, 3), s.first))))
     pool.refresh()
     assert pushed[-1] == (102, 20.0, True)  # a newcomer; t's status did not change: nothing for it
     clock.advance(2.0)
@@ -575,7 +584,30 @@ async def test_a_failing_sink_does_not_stop_the_others() -> None:
     def broken(_: object) -> None:
         raise ConnectionError("client gone")
 
-    pool.watch(a, broken)
-    pool.watch(b, lambda s: got.append(s.position))
+    pool.watch(a, statuses(broken))
+    pool.watch(b, statuses(lambda s: got.append(s.position)))
     pool.refresh()
     assert got == [2]
+
+
+async def test_a_failing_sink_in_a_later_slice_does_not_stop_the_others() -> None:
+    pool, _, _ = make_pool(1, max_queue=1000)
+    pool.submit("chat")
+    tickets = [pool.submit("chat") for _ in range(TELL_SLICE + 40)]
+    heard: list[int] = []
+
+    def broken(_: object) -> None:
+        raise ConnectionError("client gone")
+
+    for i, t in enumerate(tickets):
+        pool.watch(t, statuses(broken if i == TELL_SLICE + 10 else lambda s: heard.append(s.position)))
+    pool.refresh()
+    await asyncio.sleep(0)  # the tells past the first slice
+    assert len(heard) == len(tickets) - 1
+    heard.clear()
+    lease = pool.workers[0].lease
+    assert lease is not None
+    lease.release("completed")  # everyone moves up: all but the first slice are told on later loop turns
+    for _ in range(4):  # the refresh, then the rest of the tells a slice per turn
+        await asyncio.sleep(0)
+    assert heard == [p for p in range(1, len(tickets)) if p != TELL_SLICE + 10]

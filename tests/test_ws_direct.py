@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import uvicorn
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedOK
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
@@ -100,6 +101,27 @@ async def test_direct_frames_reach_a_real_client_in_order_with_the_servers_own()
         await asyncio.wait_for(done.wait(), 5)
     assert got == ["one", "två", "x" * 70_000, "four"]
     assert wrote == [True, True, False]  # nothing written to a closed connection
+
+
+async def test_nothing_is_written_after_the_server_sends_its_close() -> None:
+    wrote: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        write = direct_text_writer(send)
+        assert write is not None
+        wrote.append(write(b"before"))
+        await send({"type": "websocket.close", "code": 1000})
+        wrote.append(write(b"after our close"))  # the client has not answered yet: the transport is open
+        await receive()
+
+    async with _serve(app, deflate=False) as port, connect(f"ws://127.0.0.1:{port}/", compression=None) as ws:
+        assert await asyncio.wait_for(ws.recv(), 5) == "before"
+        with pytest.raises(ConnectionClosedOK):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1000
+    assert wrote == [True, False]
 
 
 async def test_no_writer_when_the_client_negotiated_compression() -> None:

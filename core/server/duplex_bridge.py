@@ -38,7 +38,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from core.protocol import ErrorCode, SessionClosed, SessionQueueDone, dump_event, error_event
-from core.scheduling.pool import Lease, Pool, QueueFull, QueueStatus, QueueTimeout, Ticket, TicketCancelled
+from core.scheduling.pool import Lease, Pool, QueueFull, QueueSink, QueueTimeout, Ticket, TicketCancelled
 from core.server.gateway_http import (
     BUSY_RETRY_DELAYS_S,
     CONNECT_TIMEOUT_S,
@@ -70,15 +70,10 @@ _QUEUE_EVENT_FORMATS = {
 }
 
 
-def _queue_event_bytes(status: QueueStatus) -> bytes:
-    """The UTF-8 JSON of ``session.queued`` / ``session.queue_update`` for ``status``."""
+def _queue_event_bytes(position: int, eta_s: float, queue_length: int, first: bool) -> bytes:
+    """The UTF-8 JSON of ``session.queued`` (``first``) or ``session.queue_update``: a ``QueueSink``'s values."""
     # Hand-formatted bytes: this is the one event sent to thousands of waiting clients at once.
-    return _QUEUE_EVENT_FORMATS[status.first] % (status.position, status.eta_s, status.queue_length)
-
-
-def _queue_event(status: QueueStatus) -> str:
-    """``_queue_event_bytes`` as text."""
-    return _queue_event_bytes(status).decode()
+    return _QUEUE_EVENT_FORMATS[first] % (position, eta_s, queue_length)
 
 
 def _send_eagerly(send: Awaitable[None]) -> None:
@@ -277,15 +272,17 @@ def _error_code(frame: str | bytes) -> str | None:
     return data.get("code") if isinstance(data, dict) and data.get("type") == "error" else None
 
 
-def _queue_sink(ws: ClientSocket) -> Callable[[QueueStatus], None]:
+def _queue_sink(ws: ClientSocket) -> QueueSink:
     """Where the pool pushes this client's queue statuses: straight to its socket when the server allows."""
     write = direct_text_writer(ws.send)
     if write is None:
-        return lambda status: _send_eagerly(ws.send({"type": "websocket.send", "text": _queue_event(status)}))
+        return lambda *status: _send_eagerly(
+            ws.send({"type": "websocket.send", "text": _queue_event_bytes(*status).decode()})
+        )
 
-    def sink(status: QueueStatus) -> None:
+    def sink(position: int, eta_s: float, queue_length: int, first: bool) -> None:
         # A False from write (closing, or not reading) needs nothing: the next update carries the position.
-        write(_queue_event_bytes(status))
+        write(_queue_event_bytes(position, eta_s, queue_length, first))
 
     return sink
 

@@ -166,7 +166,7 @@ async def _wait_for_worker(
     state: GatewayState, ws: WebSocket, ticket: Ticket, held: _Held
 ) -> tuple[Lease, ClientConnection, str | bytes | None]:
     updates: asyncio.Queue[QueueStatus] = asyncio.Queue()
-    state.pool.watch(ticket, updates.put_nowait)
+    state.pool.watch(ticket, lambda *status: updates.put_nowait(QueueStatus(*status)))
 
     async def tell() -> None:
         while True:

@@ -27,6 +27,7 @@ from websockets.protocol import State
 #: ones, and another would only grow the gateway's memory. It gets the next one once it catches up.
 MAX_BACKLOG_BYTES = 64 * 1024
 
+_OPEN = State.OPEN
 _TEXT_FIN = 0x81
 _SHORT_HEADERS = [bytes((_TEXT_FIN, n)) for n in range(126)]
 
@@ -55,15 +56,15 @@ def direct_text_writer(send: Callable[..., Any]) -> Callable[[bytes], bool] | No
     if not proto.handshake_complete or conn.extensions or transport is None:
         return None
 
+    is_closing, buffered, transmit = transport.is_closing, transport.get_write_buffer_size, transport.write
+
     def write(payload: bytes) -> bool:
-        if (
-            proto.close_sent
-            or conn.state is not State.OPEN
-            or transport.is_closing()
-            or transport.get_write_buffer_size() > MAX_BACKLOG_BYTES
-        ):
+        # conn.state leaves OPEN with every close frame uvicorn sends or answers (send_close, fail, a close
+        # received), and is_closing covers a transport closed without one: between them, every case in
+        # which uvicorn sets its own close_sent.
+        if conn.state is not _OPEN or is_closing() or buffered() > MAX_BACKLOG_BYTES:
             return False
-        transport.write(frame_text(payload))
+        transmit(frame_text(payload))
         return True
 
     return write
