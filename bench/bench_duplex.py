@@ -1,6 +1,27 @@
-"""Duplex engine benchmark: what the session itself adds to a turn, and how fast a barge-in clears.
+"""Duplex benchmark: conversation latency on a spoken corpus, and what the session engine itself adds.
 
-    .venv/bin/python bench/bench_duplex.py --fake [--turns 50]
+    .venv/bin/python bench/bench_duplex.py [--quick]          # embedded stack: today's pipeline vs the new one
+    .venv/bin/python bench/bench_duplex.py --fake [--turns 50]  # engine overhead and barge-in, fake models
+
+**Corpus** (the default, ``--stack embedded``): every utterance of ``bench/utterances.py`` (espeak and Piper
+voices, 1–8 s, a third of them with a 0.4–0.8 s pause inside the sentence) is spoken in real time into two
+live sessions, one per pipeline, taking turns utterance by utterance so both see the same machine state:
+*baseline* is today's cascade with every new behaviour off (``server_vad`` 500 ms silence, no preemptive
+reply, transformers Whisper over a 30 s window); *new* is the default config (``semantic_vad`` with Smart
+Turn, preemptive replies, CTranslate2 Whisper over the clip's own length). Measured per utterance:
+
+- voice-to-voice: the first reply packet sent minus the send time of the frame carrying the user's last
+  voiced sample (both stamped in this process);
+- false cut-off (sentences with a pause): any reply packet or ``response.created`` before the sentence was
+  over;
+- WER of every transcript the session made during the utterance, joined, against the text spoken;
+- the end-of-turn decision time (``response.done.timings.endpoint_ms``) and the per-stage timings.
+
+After the first reply packet the client waits 0.3 s and sends ``response.cancel`` (both pipelines alike), so
+the run is not spent listening to replies. Ends with ``RESULT v2v_p50_ms=... v2v_p95_ms=...
+false_cutoff_rate=... wer=... baseline_v2v_p50_ms=...``.
+
+**Engine** (``--fake``):
 
 A client in the same process streams 20 ms Opus packets in real time into a ``DuplexSession`` (no
 socket; every event and packet is timestamped when the session hands it to ``send_text`` /
@@ -237,6 +258,251 @@ def report(res: Results, config: Config, stack_name: str = "fake") -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ corpus
+
+TRANSCRIPT = "conversation.item.input_audio_transcription.completed"
+#: Seconds after the end of speech without a reply packet before an utterance counts as unanswered.
+NO_REPLY_S = 12.0
+#: Per-stage timings of the corpus table, in the order of the cascade.
+CORPUS_STAGES = ("endpoint_ms", *STAGES[1:])
+
+
+@dataclass
+class CorpusResults:
+    """One pipeline's measures over the corpus."""
+
+    name: str
+    v2v_ms: list[float] = field(default_factory=list)
+    paused: int = 0
+    cutoffs: int = 0
+    edits: int = 0
+    ref_words: int = 0
+    preemptive: int = 0
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    misheard: list[tuple[str, str]] = field(default_factory=list)
+    no_reply: list[str] = field(default_factory=list)
+
+    @property
+    def wer(self) -> float:
+        return self.edits / max(1, self.ref_words)
+
+    @property
+    def cutoff_rate(self) -> float:
+        return self.cutoffs / max(1, self.paused)
+
+
+def last_voiced(audio: np.ndarray, floor: float = 1e-3) -> int:
+    """Index of the utterance's last sample above ``floor`` (the corpus trims its voices at that level)."""
+    loud = np.flatnonzero(np.abs(audio) > floor)
+    return int(loud[-1]) if loud.size else len(audio) - 1
+
+
+def _words(text: str) -> list[str]:
+    return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+
+
+def _edits(reference: str, hypothesis: str) -> int:
+    ref, hyp = _words(reference), _words(hypothesis)
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[len(hyp)]
+
+
+class _Live:
+    """A session, its wire and its client, for one pipeline."""
+
+    def __init__(self, name: str, stack: ModelStack, config: Config) -> None:
+        self.wire = Wire()
+        self.session = DuplexSession(
+            stack,
+            config,
+            name,
+            self.wire.send_text,
+            self.wire.send_bytes,
+            executor=device_executor(stack.device),
+        )
+        self.client = Client(self.session)
+        self.res = CorpusResults(name)
+        self.runner: asyncio.Task[str] | None = None
+
+    async def utterance(self, text: str, audio: np.ndarray, paused: bool) -> None:
+        wire, client, res = self.wire, self.client, self.res
+        marks = {k: len(wire.of(k)) for k in ("response.created", "response.done", TRANSCRIPT)}
+        packets, t_start, start = len(wire.audio), time.monotonic(), client.position
+        await client.play(audio)
+        t_last = client.frame_time(start + last_voiced(audio))
+        try:
+            await client.silence_until(
+                lambda: any(t > t_last for t in wire.audio[packets:]), limit_s=NO_REPLY_S
+            )
+        except RuntimeError:  # nothing to answer (an empty transcript) or stuck: counted, not measured
+            res.no_reply.append(text)
+            return
+        first = next(t for t in wire.audio[packets:] if t > t_last)
+        res.v2v_ms.append((first - t_last) * 1000)
+        if paused:
+            res.paused += 1
+            early_audio = any(t_start <= t <= t_last for t in wire.audio[packets:])
+            early_reply = any(
+                t <= t_last for t, _ in wire.of("response.created")[marks["response.created"] :]
+            )
+            res.cutoffs += early_audio or early_reply
+        await client.play(np.zeros(int(0.3 * SR), np.float32))
+        await self.session.on_text(json.dumps({"type": "response.cancel"}))
+        await client.silence_until(
+            lambda: any(t >= first for t, _ in wire.of("response.done")[marks["response.done"] :])
+        )
+        heard = " ".join(e["transcript"] for _, e in wire.of(TRANSCRIPT)[marks[TRANSCRIPT] :])
+        edits = _edits(text, heard)
+        res.edits += edits
+        res.ref_words += len(_words(text))
+        if edits:
+            res.misheard.append((text, heard))
+        done = next(e for t, e in wire.of("response.done")[marks["response.done"] :] if t >= first)
+        timings = done.get("timings", {})
+        res.preemptive += bool(timings.get("preemptive"))
+        for key in CORPUS_STAGES:
+            if timings.get(key) is not None:
+                res.stages.setdefault(key, []).append(timings[key])
+        await client.play(np.zeros(int(0.3 * SR), np.float32))
+
+
+async def run_corpus(
+    pipelines: dict[str, tuple[ModelStack, Config]], corpus: list[Any]
+) -> list[CorpusResults]:
+    """Speak every utterance into one live session per pipeline, taking turns; return each one's measures."""
+    lives = [_Live(name, stack, config) for name, (stack, config) in pipelines.items()]
+    for live in lives:
+        live.runner = asyncio.create_task(live.session.run())
+        await live.client.play(np.zeros(ALIGN, np.float32))
+    for i, utt in enumerate(corpus):
+        for live in lives:
+            await live.utterance(utt.text, utt.audio, bool(utt.pauses))
+        print(
+            f"  {i + 1}/{len(corpus)} "
+            + "  ".join(f"{lv.res.name} {lv.res.v2v_ms[-1]:.0f} ms" for lv in lives),
+            flush=True,
+        )
+    for live in lives:
+        await live.session.close("bench_done")
+        if live.runner is not None:
+            await live.runner
+    return [live.res for live in lives]
+
+
+def _q(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def _stage_cell(key: str) -> Callable[[CorpusResults], str]:
+    def cell(r: CorpusResults) -> str:
+        values = r.stages.get(key, [])
+        return f"{_q(values, 0.5):.0f} / {_q(values, 0.95):.0f}"
+
+    return cell
+
+
+def corpus_report(results: list[CorpusResults], corpus: list[Any], header: str) -> str:
+    """The table: one column per pipeline; then the RESULT line of the new pipeline against the baseline."""
+    names = [r.name for r in results]
+    rows = [
+        header,
+        "",
+        f"{len(corpus)} utterances ({sum(1 for u in corpus if u.pauses)} with a pause inside the sentence), "
+        f"{sum(u.duration for u in corpus):.0f} s of speech; voices: {', '.join(sorted({u.voice for u in corpus}))}",
+        "",
+        "| measure | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+
+    def row(label: str, cell: Callable[[CorpusResults], str]) -> None:
+        rows.append(f"| {label} | " + " | ".join(cell(r) for r in results) + " |")
+
+    row(
+        "voice-to-voice p50 / p95 / max (ms)",
+        lambda r: (
+            f"{_q(r.v2v_ms, 0.5):.0f} / {_q(r.v2v_ms, 0.95):.0f} / {max(r.v2v_ms, default=float('nan')):.0f}"
+        ),
+    )
+    row("false cut-offs (paused sentences)", lambda r: f"{r.cutoffs} / {r.paused} ({r.cutoff_rate:.1%})")
+    row("WER of the final transcripts", lambda r: f"{r.wer:.1%} ({r.edits} / {r.ref_words} words)")
+    row("replies started preemptively", lambda r: f"{r.preemptive} / {len(r.v2v_ms)}")
+    for key in CORPUS_STAGES:
+        label = "end-of-turn decision (endpoint_ms)" if key == "endpoint_ms" else f"stage: {key}"
+        row(f"{label} p50 / p95", _stage_cell(key))
+    row("utterances without a reply", lambda r: str(len(r.no_reply)))
+    for r in results:
+        for said in r.no_reply:
+            rows.append(f"- {r.name} gave no reply to: {said!r}")
+        for said, heard in r.misheard:
+            rows.append(f"- {r.name} misheard: {said!r} -> {heard!r}")
+    new, base = results[-1], results[0]
+    rows += [
+        "",
+        f"RESULT v2v_p50_ms={_q(new.v2v_ms, 0.5):.0f} v2v_p95_ms={_q(new.v2v_ms, 0.95):.0f} "
+        f"false_cutoff_rate={new.cutoff_rate:.3f} wer={new.wer:.3f} baseline_v2v_p50_ms={_q(base.v2v_ms, 0.5):.0f} "
+        f"baseline_v2v_p95_ms={_q(base.v2v_ms, 0.95):.0f} baseline_false_cutoff_rate={base.cutoff_rate:.3f} "
+        f"baseline_wer={base.wer:.3f}",
+    ]
+    return "\n".join(rows)
+
+
+def corpus_configs(max_new_tokens: int = 60) -> dict[str, Config]:
+    """Today's pipeline (every new behaviour off) and the default one, on the embedded stack."""
+    model = {"stack": "embedded", "temperature": 0.0, "max_new_tokens": max_new_tokens}
+    baseline = {
+        "model": {**model, "asr_engine": "transformers"},
+        "duplex": {"turn_detection": "server_vad", "preemptive_reply": False, "asr_partial_interval_ms": 0},
+    }
+    return {"baseline": Config.model_validate(baseline), "new": Config.model_validate({"model": model})}
+
+
+def _machine_header() -> str:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    try:
+        from machine import cpu_model  # type: ignore[import-not-found,unused-ignore]
+
+        cpu = cpu_model()
+    except Exception:
+        cpu = platform.processor() or platform.machine()
+    return (
+        f"duplex corpus benchmark on {cpu} ({platform.machine()}), {os.cpu_count()} CPUs, load average {load}, "
+        f"python {platform.python_version()}"
+    )
+
+
+def main_corpus(quick: bool) -> int:
+    """Baseline and new pipelines over the corpus, in the same run."""
+    import torch
+    import transformers
+    from utterances import utterances
+
+    transformers.logging.set_verbosity_error()
+
+    from core.models.registry import build_stack
+
+    corpus = utterances()
+    if quick:
+        corpus = [u for u in corpus if u.pauses][:3] + [u for u in corpus if not u.pauses][:3]
+    pipelines = {}
+    for name, config in corpus_configs().items():
+        stack = build_stack(config)
+        stack.warmup()
+        pipelines[name] = (stack, config)
+        print(f"{name}: {dict(stack.info)}", flush=True)
+    header = _machine_header() + f", torch threads {torch.get_num_threads()}"
+    results = asyncio.run(run_corpus(pipelines, corpus))
+    print(corpus_report(results, corpus, header))
+    return 0
+
+
 def fake_stack() -> ModelStack:
     """Zero-latency scripted models (real time)."""
     return build_fake_stack(transcript="tell me something", reply=REPLY)
@@ -257,8 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         help="random-production only: production sizes (GPU) or a tiny CPU smoke size",
     )
     parser.add_argument("--turns", type=int, default=None, help="default 50 with --fake, 10 otherwise")
+    parser.add_argument("--quick", action="store_true", help="corpus: six utterances only (a smoke run)")
     args = parser.parse_args(argv)
     name = "fake" if args.fake else args.stack
+    if name == "embedded":
+        return main_corpus(args.quick)
     if name == "fake":
         config = Config()
         res = asyncio.run(run_bench(fake_stack(), config, turns=args.turns or 50, speech=tone(0.48)))

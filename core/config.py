@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 StackName = Literal["auto", "embedded", "production", "fake"]
+TurnDetectionType = Literal["server_vad", "semantic_vad"]
+Eagerness = Literal["low", "medium", "high", "auto"]
 
 
 class _Section(BaseModel):
@@ -24,6 +26,8 @@ class ModelConfig(_Section):
 
     stack: StackName = "auto"  # auto: production with a GPU, embedded without
     asr_path: str = "openai/whisper-medium"
+    # auto: CTranslate2 for the embedded CPU stack (it encodes only the clip's length), transformers otherwise
+    asr_engine: Literal["auto", "transformers", "ctranslate2"] = "auto"
     llm_path: str = "Qwen/Qwen2.5-7B-Instruct"
     tts: Literal["auto", "piper", "cosyvoice2"] = "auto"
     tts_path: str = "FunAudioLLM/CosyVoice2-0.5B"
@@ -79,11 +83,43 @@ class ServiceConfig(_Section):
     jobs_keep_days: float = Field(30.0, ge=0)  # days a finished job is kept; 0 keeps forever
 
 
+class EagernessLevel(_Section):
+    """How ``semantic_vad`` ends a turn at one eagerness.
+
+    Two judges look at the utterance at a pause: the turn model hears it (P(complete) from the audio) and the
+    LLM reads its transcript (P(the message ends here)). Both sure: the turn ends at the pause. The words
+    alone sure: it ends after ``text_silence_ms``. Otherwise only ``max_silence_ms`` of silence ends it.
+    """
+
+    threshold: float = Field(gt=0, lt=1)  # the turn model's P(complete) that counts as sure
+    text_threshold: float = Field(ge=0, lt=1)  # the LLM's P(message ends here) that counts as finished words
+    text_silence_ms: int = Field(ge=100, le=10000)  # words finished, audio unsure: end after this silence
+    max_silence_ms: int = Field(ge=100, le=10000)  # otherwise end after this much silence
+
+
 class DuplexConfig(_Section):
     """Turn-taking and barge-in of a live session."""
 
     vad_threshold: float = Field(0.5, gt=0, lt=1)
-    endpoint_silence_ms: int = Field(500, ge=100, le=5000)
+    # server_vad: a fixed silence (endpoint_silence_ms) ends the turn; semantic_vad: the turn model decides
+    turn_detection: TurnDetectionType = "semantic_vad"
+    eagerness: Eagerness = "auto"  # auto is medium
+    # Silence after speech before the turn model is asked and a preemptive reply starts.
+    pause_check_ms: int = Field(200, ge=60, le=2000)
+    eagerness_low: EagernessLevel = EagernessLevel(
+        threshold=0.8, text_threshold=0.02, text_silence_ms=1000, max_silence_ms=2000
+    )
+    eagerness_medium: EagernessLevel = EagernessLevel(
+        threshold=0.5, text_threshold=0.012, text_silence_ms=600, max_silence_ms=1200
+    )
+    eagerness_high: EagernessLevel = EagernessLevel(
+        threshold=0.3, text_threshold=0.008, text_silence_ms=400, max_silence_ms=800
+    )
+    # Start ASR -> LLM -> TTS at the pause, sending nothing until the turn is confirmed.
+    preemptive_reply: bool = True
+    # Transcribe the audio so far every this much speech; its agreed words prefix the final pass (0: off).
+    asr_partial_interval_ms: int = Field(0, ge=0, le=10000)
+    endpoint_silence_ms: int = Field(500, ge=100, le=5000)  # server_vad's silence
     min_speech_ms: int = Field(200, ge=0, le=5000)
     barge_in_min_speech_ms: int = Field(250, ge=0, le=5000)
     max_utterance_s: float = Field(30.0, gt=0, le=30)
@@ -98,6 +134,11 @@ class DuplexConfig(_Section):
     history_max_chars: int = Field(6000, ge=100)
     send_queue_packets: int = Field(500, ge=10)
     record: bool = False
+
+    def level(self, eagerness: Eagerness | None = None) -> EagernessLevel:
+        """The thresholds of an eagerness (``auto`` and None: this config's eagerness, auto meaning medium)."""
+        name = eagerness or self.eagerness
+        return {"low": self.eagerness_low, "high": self.eagerness_high}.get(name, self.eagerness_medium)
 
 
 class DistillConfig(_Section):

@@ -45,6 +45,23 @@ class _Event(BaseModel):
 # --------------------------------------------------------------------------- client -> server
 
 
+class TurnDetection(BaseModel):
+    """How the server decides that the user has finished (as in the OpenAI Realtime API).
+
+    ``server_vad``: a fixed silence after speech ends the turn. ``semantic_vad``: a turn model judges from
+    the audio whether the user has finished, and ``eagerness`` sets how readily it ends the turn.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["server_vad", "semantic_vad"] = Field(description="server_vad or semantic_vad.")
+    eagerness: Literal["low", "medium", "high", "auto"] | None = Field(
+        None, description="semantic_vad only: low waits longest, high answers soonest; auto is medium."
+    )
+    silence_duration_ms: int | None = Field(
+        None, ge=100, le=5000, description="server_vad only: the silence that ends a turn."
+    )
+
+
 class SessionSettings(BaseModel):
     """Settings a client may change with ``session.update``; unset fields keep their value."""
 
@@ -57,6 +74,7 @@ class SessionSettings(BaseModel):
     instructions: str | None = Field(None, max_length=8000, description="System prompt for the assistant.")
     language: str | None = Field(None, max_length=16, description="ASR language code; unset: detect.")
     record: bool | None = Field(None, description="Record this session under data/sessions/.")
+    turn_detection: TurnDetection | None = Field(None, description="How the end of the user's turn is found.")
 
 
 class SessionUpdate(_Event):
@@ -145,6 +163,7 @@ class SessionInfo(BaseModel):
     language: str | None = None
     instructions: str = ""
     record: bool = False
+    turn_detection: dict[str, Any] = {}
     models: dict[str, str] = {}
 
 
@@ -214,6 +233,20 @@ class TurnTimings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     endpoint_ms: float | None = Field(None, description="End of speech to end-of-turn decision.")
+    end_of_turn: Literal["turn_model", "words", "silence", "commit"] | None = Field(
+        None,
+        description="What ended the turn: both judges at the pause, the words (after a shorter silence), "
+        "the silence limit, or the client's commit.",
+    )
+    turn_probability: float | None = Field(
+        None, description="semantic_vad: the turn model's P(complete) from the audio at the pause."
+    )
+    text_probability: float | None = Field(
+        None, description="semantic_vad: the LLM's P(the user's message ends here) from the transcript."
+    )
+    preemptive: bool | None = Field(
+        None, description="Whether this reply was started at the pause, before the turn was confirmed."
+    )
     asr_ms: float | None = Field(None, description="Transcription time.")
     llm_first_token_ms: float | None = Field(None, description="ASR done to first LLM token.")
     first_sentence_ms: float | None = Field(None, description="ASR done to first clause ready for TTS.")
@@ -385,14 +418,15 @@ def error_event(code: ErrorCode, message: str, *, fatal: bool = False) -> str:
 def _fields_table(cls: type[BaseModel]) -> list[str]:
     rows = ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in cls.model_fields.items():
-        if name == "type":
+        if name == "type" and not field.is_required():  # an event's own name, shown in its heading
             continue
         ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
         value = None if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(value, BaseModel):
             value = value.model_dump(exclude_none=True)
         default = "required" if field.is_required() else json.dumps(value, default=str)
-        ann = ann.replace("|", "\\|")
+        # Nested models by their own name, however this module was loaded (python -m runs it as __main__).
+        ann = ann.replace("__main__.", "").replace(f"{__name__}.", "").replace("|", "\\|")
         rows.append(f"| `{name}` | `{ann}` | `{default}` | {field.description or ''} |")
     return rows
 
@@ -429,7 +463,7 @@ def render_protocol_doc() -> str:
         for cls in group:
             out += [f"### `{cls.model_fields['type'].default}`", "", (cls.__doc__ or "").strip(), ""]
             out += [*_fields_table(cls), ""]
-    for obj in (SessionSettings, SessionInfo, TurnTimings):
+    for obj in (SessionSettings, TurnDetection, SessionInfo, TurnTimings):
         out += [f"### `{obj.__name__}` object", "", (obj.__doc__ or "").strip(), "", *_fields_table(obj), ""]
     return "\n".join(out)
 

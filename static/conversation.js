@@ -11,11 +11,21 @@ const TIMING_LABELS = [
   ["total_ms", "reply total"],
 ];
 
+/** How the end of the turn was decided: the turn model's confidence, or the silence limit. */
+function decidedBy(timings) {
+  if (Number.isFinite(timings.turn_probability)) return ` (turn model, p ${timings.turn_probability.toFixed(2)})`;
+  return " (silence)";
+}
+
 /** One line of latencies from response.done's timings, e.g. "voice to voice 812 ms · first token 95 ms". */
 export function formatTimings(timings = {}) {
-  return TIMING_LABELS.filter(([key]) => Number.isFinite(timings[key]))
-    .map(([key, label]) => `${label} ${Math.round(timings[key])} ms`)
-    .join(" · ");
+  timings = timings || {};
+  const parts = TIMING_LABELS.filter(([key]) => Number.isFinite(timings[key])).map(([key, label]) => {
+    const line = `${label} ${Math.round(timings[key])} ms`;
+    return key === "endpoint_ms" ? line + decidedBy(timings) : line;
+  });
+  if (timings.preemptive === true) parts.push("reply started at the pause");
+  return parts.join(" · ");
 }
 
 export class Conversation {

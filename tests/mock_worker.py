@@ -81,6 +81,8 @@ class MockState:
             "sessions_served": self.sessions,
             "refused": self.refused,
             "pid": os.getpid(),
+            # as a real worker counts them: here every session had one preemptive reply, used
+            "counters": {"preemptive_started": self.sessions, "preemptive_used": self.sessions},
         }
         if self.restarts is not None:
             body["restarts"] = self.restarts

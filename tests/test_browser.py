@@ -245,6 +245,12 @@ def test_browser_conversation(server: tuple[str, str], mic_wav: Path, work_dir: 
     page = drive("conversation", url, mic_wav, shots, step_s=150 if kind == "real" else 30)
     assert any("capital" in u.lower() and "france" in u.lower() for u in page["users"]), page["users"]
     assert any(r.strip() for r in page["replies"]), page["replies"]
+    # The stage timings show the end-of-turn decision: the turn model's (semantic_vad, the default) or silence.
+    assert any(
+        "end of turn" in t and ("(turn model, p " in t or "(silence)" in t) for t in page["timings"]
+    ), page
+    if kind == "standin":
+        assert "end of turn 230 ms (turn model, p 0.91)" in page["timings"][0], page["timings"]
     stats = page["stats"]
     assert stats["inputFormat"] == "opus" and stats["packetsSent"] > 0, stats
     assert stats["packetsDecoded"] > 0 and stats["samplesPlayed"] > 0, stats

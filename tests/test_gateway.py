@@ -366,6 +366,31 @@ async def test_response_timings_reach_the_metrics(cluster: Cluster) -> None:
     assert 'gateway_worker_state{worker="0",state="idle"}' in text
 
 
+async def test_workers_preemptive_reply_counts_reach_the_metrics(cluster: Cluster) -> None:
+    def used() -> float:
+        return metric(cluster, 'gateway_worker_preemptive_replies_total{worker="0",outcome="used"}') + metric(
+            cluster, 'gateway_worker_preemptive_replies_total{worker="1",outcome="used"}'
+        )
+
+    before = used()
+    ws = await open_ws(cluster.ws())
+    await next_event(ws, "session.created")
+    await ws.close()
+    wait_until(lambda: used() >= before + 1, timeout=10)  # read from the workers' /health
+    text = httpx.get(cluster.http + "/metrics").text
+    assert "# TYPE gateway_worker_preemptive_replies_total counter" in text
+    assert 'outcome="discarded"} 0' in text
+
+
+def test_worker_counters_from_health_are_checked() -> None:
+    from core.server.metrics import GatewayMetrics
+
+    m = GatewayMetrics()
+    m.observe_worker_counters(0, {"preemptive_used": 3, "preemptive_started": True, "x": -1, "y": "2"})
+    m.observe_worker_counters(1, ["not", "a", "mapping"])
+    assert m.worker_counters == {0: {"preemptive_used": 3}}
+
+
 # --------------------------------------------------------------------------- HTTP
 
 

@@ -134,3 +134,62 @@ async def test_bad_events_get_realtime_errors_and_the_session_survives(base: str
         await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Still here."}}))
         updated = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert updated["type"] == "session.updated" and updated["session"]["instructions"] == "Still here."
+
+
+async def _session(ws: Any) -> dict[str, Any]:
+    """The first non-queue event (session.created), skipping the queue while an earlier session releases."""
+    event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    while event["type"].startswith("session.queue"):
+        event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    return event
+
+
+async def _reply(ws: Any, event: dict[str, Any]) -> dict[str, Any]:
+    await ws.send(json.dumps(event))
+    reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    while reply["type"].startswith("session.queue"):
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    return reply
+
+
+@pytest.mark.parametrize("path", ["/ws/duplex", "/v1/realtime"])
+async def test_turn_detection_on_both_websocket_apis(base: str, path: str) -> None:
+    realtime = path == "/v1/realtime"
+
+    def update(detection: Any) -> dict[str, Any]:
+        if realtime:
+            return {
+                "type": "session.update",
+                "session": {"type": "realtime", "audio": {"input": {"turn_detection": detection}}},
+            }
+        return {"type": "session.update", "session": {"turn_detection": detection}}
+
+    def detection_of(event: dict[str, Any]) -> dict[str, Any]:
+        session = event["session"]
+        return session["audio"]["input"]["turn_detection"] if realtime else session["turn_detection"]
+
+    async with connect(base.replace("http", "ws") + path) as ws:
+        created = await _session(ws)
+        assert created["type"] == "session.created"
+        assert detection_of(created) == {"type": "semantic_vad", "eagerness": "auto"}  # the default
+        for eagerness in ("low", "medium", "high", "auto"):
+            updated = await _reply(ws, update({"type": "semantic_vad", "eagerness": eagerness}))
+            assert updated["type"] == "session.updated", updated
+            assert detection_of(updated) == {"type": "semantic_vad", "eagerness": eagerness}
+        updated = await _reply(ws, update({"type": "server_vad", "silence_duration_ms": 700}))
+        assert detection_of(updated) == {"type": "server_vad", "silence_duration_ms": 700}
+        for bad in (
+            {"type": "semantic_vad", "eagerness": "eventually"},
+            {"type": "loud_vad"},
+            {"type": "server_vad", "eagerness": "low"},
+        ):
+            error = await _reply(ws, update(bad))
+            assert error["type"] == "error", error
+            code = error["error"]["code"] if realtime else error["code"]
+            assert code == "invalid_event"
+        if realtime:
+            error = await _reply(ws, update("semantic_vad"))
+            assert error["type"] == "error" and error["error"]["code"] == "invalid_event"
+        # the session is still there, with the last good setting
+        updated = await _reply(ws, update({"type": "semantic_vad", "eagerness": "high"}))
+        assert detection_of(updated) == {"type": "semantic_vad", "eagerness": "high"}

@@ -156,7 +156,8 @@ async def live(
     )  # fmt: skip
     options.update(fakes)
     stack = build_fake_stack(sleep=loop.sleep, **options)
-    config = Config(duplex=DuplexConfig(**(duplex or {})))
+    # The scripts here time today's cascade (silence endpoint, no preemptive reply) unless they ask for more.
+    config = Config(duplex=DuplexConfig(**{"preemptive_reply": False, **(duplex or {})}))
     wire = Wire(loop.time)
     executor = ThreadPoolExecutor(1, thread_name_prefix="test-model")
     session = DuplexSession(

@@ -86,6 +86,30 @@ class ASR(Protocol):
 
 
 @runtime_checkable
+class PrefixASR(Protocol):
+    """An ASR that can continue a transcript whose first words are already known (incremental decoding)."""
+
+    def transcribe_with_prefix(
+        self, audio: np.ndarray, prefix: str, language: str | None = None
+    ) -> Transcript:
+        """Transcribe ``audio`` whose transcript starts with ``prefix`` (forced); the text includes it."""
+        ...
+
+
+@runtime_checkable
+class TextTurnJudge(Protocol):
+    """An LLM that can judge from the words whether the user's message is finished."""
+
+    def end_of_turn_probability(self, messages: Sequence[ChatMessage]) -> float:
+        """P that the last message (the user's, as transcribed so far) ends where it stops now.
+
+        Its final punctuation is ignored (ASR adds a period to half a sentence as readily as to a whole
+        one): the probability is that of ending, or of a sentence mark, right after its last word.
+        """
+        ...
+
+
+@runtime_checkable
 class LLM(Protocol):
     """A chat model that streams its reply as text deltas."""
 
@@ -124,6 +148,24 @@ class TTS(Protocol):
         ...
 
 
+@runtime_checkable
+class TurnDetector(Protocol):
+    """Semantic end of turn: the probability that the user has finished speaking."""
+
+    name: str
+
+    def complete_probability(self, audio: np.ndarray) -> float:
+        """P(turn complete) for the utterance so far: float32 mono at ``INPUT_SAMPLE_RATE``, any length.
+
+        Only the last 8 s are used.
+        """
+        ...
+
+    def warmup(self) -> None:
+        """Run once on dummy input so the first real request pays no start-up cost."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModelStack:
     """The three models and a VAD factory one worker serves with."""
@@ -133,6 +175,8 @@ class ModelStack:
     tts: TTS
     #: A fresh streaming VAD per session (VADs carry per-stream state).
     vad_factory: Callable[[], StreamingVAD]
+    #: The semantic end-of-turn model, where the stack has one (silence alone ends a turn otherwise).
+    turn: TurnDetector | None = None
     kind: str = "embedded"
     device: str = "cpu"
     info: dict[str, str] = field(default_factory=dict)
@@ -143,3 +187,5 @@ class ModelStack:
         self.llm.warmup()
         self.tts.warmup()
         self.vad_factory().reset()
+        if self.turn is not None:
+            self.turn.warmup()

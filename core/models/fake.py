@@ -77,6 +77,8 @@ class FakeASR:
         self.error: Exception | None = None
         #: Seconds of audio of every call, in order.
         self.calls: list[float] = []
+        #: The prefix of every ``transcribe_with_prefix`` call, in order.
+        self.prefixes: list[str] = []
 
     def transcribe(
         self, audio: np.ndarray, language: str | None = None, *, timestamps: bool = False
@@ -92,6 +94,13 @@ class FakeASR:
         text = self._script.take()
         spans = (Segment(0.0, round(len(audio) / INPUT_SAMPLE_RATE, 3), text),) if timestamps and text else ()
         return Transcript(text, language or self.language, spans)
+
+    def transcribe_with_prefix(
+        self, audio: np.ndarray, prefix: str, language: str | None = None
+    ) -> Transcript:
+        """:meth:`transcribe`, noting the forced ``prefix`` in :attr:`prefixes`."""
+        self.prefixes.append(prefix)
+        return self.transcribe(audio, language)
 
     def transcribe_batch(
         self, audios: Sequence[np.ndarray], language: str | None = None, *, timestamps: bool = False
@@ -130,6 +139,11 @@ class FakeLLM:
         self.calls: list[list[ChatMessage]] = []
         #: Tokens yielded before a cancel was seen, per cancelled call.
         self.cancelled_after: list[int] = []
+        #: What :meth:`end_of_turn_probability` answers (1.0: the words never hold a turn open), and after how long.
+        self.end_of_turn = 1.0
+        self.end_of_turn_latency = 0.0
+        #: The user message of every end-of-turn question, in order.
+        self.judged: list[str] = []
 
     def stream(
         self, messages: Sequence[ChatMessage], *, max_new_tokens: int = 256, cancel: CancelToken | None = None
@@ -147,6 +161,13 @@ class FakeLLM:
             if self.error is not None and i >= self.error_after:
                 raise self.error
             yield token
+
+    def end_of_turn_probability(self, messages: Sequence[ChatMessage]) -> float:
+        """The scripted :attr:`end_of_turn` after :attr:`end_of_turn_latency` seconds (a words judge)."""
+        self.judged.append(messages[-1].content if messages else "")
+        if self.end_of_turn_latency > 0:
+            self._sleep(self.end_of_turn_latency)
+        return self.end_of_turn
 
     def warmup(self) -> None:
         """Nothing to warm."""
@@ -215,6 +236,39 @@ class FakeTTS:
         """Nothing to warm."""
 
 
+class FakeTurnDetector:
+    """A scripted turn model: the next of ``probabilities`` (the last repeats) after ``latency`` seconds."""
+
+    name = "fake-turn"
+
+    def __init__(
+        self, probabilities: float | Sequence[float] = 0.9, *, latency: float = 0.0, sleep: Sleep = time.sleep
+    ) -> None:
+        values = [probabilities] if isinstance(probabilities, int | float) else list(probabilities)
+        if not values or not all(0.0 <= v <= 1.0 for v in values):
+            raise ValueError("probabilities must be in [0, 1]")
+        self._values = values
+        self._next = 0
+        self._lock = threading.Lock()
+        self.latency = latency
+        self._sleep = sleep
+        #: Seconds of audio of every call, in order.
+        self.calls: list[float] = []
+
+    def complete_probability(self, audio: np.ndarray) -> float:
+        """The next scripted probability."""
+        self.calls.append(len(audio) / INPUT_SAMPLE_RATE)
+        if self.latency > 0:
+            self._sleep(self.latency)
+        with self._lock:
+            value = self._values[min(self._next, len(self._values) - 1)]
+            self._next += 1
+        return value
+
+    def warmup(self) -> None:
+        """Nothing to warm."""
+
+
 class FakeVAD:
     """A streaming VAD by energy: a 32 ms window louder than ``threshold_rms`` is speech.
 
@@ -252,8 +306,13 @@ def build_fake_stack(
     realtime_factor: float = 0.0,
     sleep: Sleep = time.sleep,
     vad_threshold_rms: float = SILENCE_RMS * 2,
+    turn_probability: float | Sequence[float] | None = None,
+    turn_latency: float = 0.0,
 ) -> ModelStack:
-    """A :class:`ModelStack` of scripted fakes (``kind="fake"``) sharing one ``sleep``."""
+    """A :class:`ModelStack` of scripted fakes (``kind="fake"``) sharing one ``sleep``.
+
+    ``turn_probability``: a scripted turn model's answers; None gives a stack without one.
+    """
     asr = FakeASR(transcript, latency=asr_latency, sleep=sleep)
     llm = FakeLLM(reply, ttft=ttft, token_interval=token_interval, sleep=sleep)
     tts = FakeTTS(
@@ -262,12 +321,17 @@ def build_fake_stack(
         realtime_factor=realtime_factor,
         sleep=sleep,
     )
+    turn = None
+    if turn_probability is not None:
+        turn = FakeTurnDetector(turn_probability, latency=turn_latency, sleep=sleep)
+    info = {"asr": asr.name, "llm": llm.name, "tts": tts.name, "vad": "fake-energy"}
     return ModelStack(
         asr=asr,
         llm=llm,
         tts=tts,
         vad_factory=lambda: FakeVAD(vad_threshold_rms),
+        turn=turn,
         kind="fake",
         device="cpu",
-        info={"asr": asr.name, "llm": llm.name, "tts": tts.name, "vad": "fake-energy"},
+        info=info if turn is None else {**info, "turn": turn.name},
     )

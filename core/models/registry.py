@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from core.config import Config, ModelConfig
-from core.models.base import ASR, TTS, ModelStack
+from core.models.base import ASR, TTS, ModelStack, TurnDetector
 
 log = logging.getLogger("models")
 
@@ -75,17 +75,32 @@ def _asr_path(config: Config, name: str) -> str:
     return config.model.asr_path
 
 
-def build_asr(config: Config) -> ASR:
-    """Only the ASR of the configured stack (batch transcription needs nothing else)."""
-    name = resolve_stack_name(config.model)
-    if name == "fake":
-        from core.models.fake import build_fake_stack
+def asr_engine(model: ModelConfig, stack_name: str) -> str:
+    """The ASR engine for a config: ``auto`` is CTranslate2 for the embedded CPU stack, transformers otherwise.
 
-        return build_fake_stack().asr
+    CTranslate2 encodes only the clip's own length (a 2 s question costs a fraction of a 30 s window) and
+    runs int8 on a CPU; the embedded Whisper weights ship in its format. GPU hub checkpoints stay on
+    transformers.
+    """
+    if model.asr_engine != "auto":
+        return model.asr_engine
+    return "ctranslate2" if stack_name == "embedded" and _device(model) == "cpu" else "transformers"
+
+
+def _build_asr(config: Config, name: str) -> ASR:
+    m = config.model
+    if asr_engine(m, name) == "ctranslate2":
+        from core.models.ct2_whisper_asr import CT2WhisperASR
+
+        if name == "embedded":
+            from core.models import embedded
+
+            path = str(embedded.paths(Path(m.embedded_dir)).whisper_ct2)
+        else:
+            path = m.asr_path  # a CTranslate2 Whisper folder
+        return CT2WhisperASR(path, device=_device(m), intra_threads=m.cpu_threads)
     from core.models.whisper import WhisperASR
 
-    m = config.model
-    _set_threads(m)
     return WhisperASR(
         _asr_path(config, name),
         device=_device(m),
@@ -93,6 +108,32 @@ def build_asr(config: Config) -> ASR:
         attn_implementation=m.attn_implementation,
         compile=m.compile,
     )
+
+
+def build_asr(config: Config) -> ASR:
+    """Only the ASR of the configured stack (batch transcription needs nothing else)."""
+    name = resolve_stack_name(config.model)
+    if name == "fake":
+        from core.models.fake import build_fake_stack
+
+        return build_fake_stack().asr
+    _set_threads(config.model)
+    return _build_asr(config, name)
+
+
+def _turn_model(config: Config) -> TurnDetector | None:
+    """Smart Turn v3.2 (a small ONNX model read from its pinned package) when a session may use semantic_vad."""
+    from core.models import embedded
+    from core.models.smart_turn import SmartTurn
+
+    try:
+        path = embedded.source_path(embedded.SMART_TURN_ONNX)
+    except embedded.EmbeddedModelError as exc:
+        if config.duplex.turn_detection == "semantic_vad":
+            raise
+        log.warning("no turn model (%s): sessions use server_vad", exc)
+        return None
+    return SmartTurn(path)
 
 
 def build_stack(config: Config) -> ModelStack:
@@ -103,14 +144,14 @@ def build_stack(config: Config) -> ModelStack:
 
         from core.models.fake import build_fake_stack
 
-        fake = build_fake_stack()
+        # A scripted turn model that finds every pause complete, so semantic_vad works on the fake stack too.
+        fake = build_fake_stack(turn_probability=0.9)
         if config.model.tts == "cosyvoice2":  # scripted ASR/LLM in front of a real CosyVoice2 folder
             tts = _tts(config, "cosyvoice2", None)
             return replace(fake, tts=tts, info={**fake.info, "tts": tts.name})
         return fake
     from core.audio.vad import SileroVAD, load_silero_session
     from core.models.hf_llm import TransformersLLM
-    from core.models.whisper import WhisperASR
 
     m = config.model
     _set_threads(m)
@@ -127,13 +168,8 @@ def build_stack(config: Config) -> ModelStack:
         llm_path = m.llm_path
         vad_session = load_silero_session()
         tts = _tts(config, _production_tts_default(), None)
-    asr = WhisperASR(
-        _asr_path(config, name),
-        device=device,
-        dtype=m.dtype,
-        attn_implementation=m.attn_implementation,
-        compile=m.compile,
-    )
+    asr = _build_asr(config, name)
+    turn = _turn_model(config)
     llm = TransformersLLM(
         llm_path,
         device=device,
@@ -144,12 +180,15 @@ def build_stack(config: Config) -> ModelStack:
         top_p=m.top_p,
     )
     info = {"stack": name, "asr": asr.name, "llm": llm.name, "tts": tts.name, "vad": "silero"}
+    if turn is not None:
+        info["turn"] = turn.name
     log.info("model stack %s on %s: %s", name, device, info)
     return ModelStack(
         asr=asr,
         llm=llm,
         tts=tts,
         vad_factory=lambda: SileroVAD(vad_session),
+        turn=turn,
         kind=name,
         device=device,
         info=info,

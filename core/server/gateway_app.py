@@ -125,6 +125,7 @@ async def check_worker(state: GatewayState, worker: Worker) -> None:
     if not isinstance(restarts, int) or isinstance(restarts, bool):
         restarts = _status_file_restarts(state, worker)
     state.pool.mark_health(worker, status, restarts)
+    state.metrics.observe_worker_counters(worker.index, body.get("counters"))
 
 
 async def _health_loop(state: GatewayState) -> None:

@@ -95,6 +95,8 @@ class GatewayMetrics(PoolListener):
         self.waits: dict[str, Summary] = {kind: Summary() for kind in REQUEST_TYPES}
         self.durations: dict[str, Summary] = {kind: Summary() for kind in REQUEST_TYPES}
         self.stages: dict[str, Summary] = {}
+        #: Per worker index: the session counters of its last /health (core.session.counters).
+        self.worker_counters: dict[int, dict[str, int]] = {}
 
     def on_dispatch(self, ticket: Ticket) -> None:
         """Count the session and its wait."""
@@ -127,6 +129,35 @@ class GatewayMetrics(PoolListener):
                 and len(self.stages) < 64
             ):
                 self.stages.setdefault(key[:-3], Summary()).observe(float(value) / 1000.0)
+
+    def observe_worker_counters(self, worker: int, counters: object) -> None:
+        """Keep a worker's session counters from its ``/health`` (totals since it started)."""
+        if isinstance(counters, Mapping):
+            self.worker_counters[worker] = {
+                k: v
+                for k, v in counters.items()
+                if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            }
+
+    def _render_turns(self, w: _Writer) -> None:
+        w.family(
+            "gateway_worker_preemptive_replies_total",
+            "counter",
+            "Replies started at a pause before the turn was confirmed, by outcome: started, used (sent), "
+            "discarded (nothing sent). Totals since each worker started.",
+        )
+        for index, counts in sorted(self.worker_counters.items()):
+            for outcome in ("started", "used", "discarded"):
+                value = counts.get(f"preemptive_{outcome}", 0)
+                w.sample(
+                    "gateway_worker_preemptive_replies_total", value, {"worker": index, "outcome": outcome}
+                )
+        w.family("gateway_worker_turns_total", "counter", "Ended user turns, by what ended them.")
+        for index, counts in sorted(self.worker_counters.items()):
+            for how in ("semantic", "silence"):
+                w.sample(
+                    "gateway_worker_turns_total", counts.get(f"turns_{how}", 0), {"worker": index, "by": how}
+                )
 
     def render(self, pool: Pool) -> str:
         """The whole ``/metrics`` page."""
@@ -161,6 +192,7 @@ class GatewayMetrics(PoolListener):
             w.sample("gateway_responses_total", n, {"status": status})
         w.family("gateway_turn_stage_seconds", "summary", "Per-stage turn latencies reported by workers.")
         w.summary("gateway_turn_stage_seconds", (({"stage": k}, s) for k, s in sorted(self.stages.items())))
+        self._render_turns(w)
         return w.text()
 
     @staticmethod

@@ -127,7 +127,7 @@ class RealtimeTranslator:
                 "input": {
                     "format": PCM_FORMAT,
                     "transcription": {"model": models.get("asr"), "language": info.get("language")},
-                    "turn_detection": {"type": "server_vad"},
+                    "turn_detection": info.get("turn_detection") or {"type": "server_vad"},
                 },
                 "output": {"format": PCM_FORMAT, "voice": info.get("voice")},
             },
@@ -224,6 +224,17 @@ class RealtimeTranslator:
         )
         if isinstance(language, str):
             settings["language"] = language
+        detection = _dig(session, "audio", "input", "turn_detection") or session.get("turn_detection")
+        if detection is not None:
+            if not isinstance(detection, dict):
+                raise _Refusal(
+                    ErrorCode.INVALID_EVENT, "turn_detection must be an object", "audio.input.turn_detection"
+                )
+            # The worker checks type, eagerness and silence; OpenAI's other knobs (threshold, padding,
+            # create_response, ...) have no counterpart here and are left out.
+            settings["turn_detection"] = {
+                k: detection[k] for k in ("type", "eagerness", "silence_duration_ms") if k in detection
+            }
         return json.dumps({"type": "session.update", "session": settings})
 
     # ------------------------------------------------------------------ session -> client

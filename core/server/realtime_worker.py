@@ -101,6 +101,7 @@ async def _serve(ws: WebSocket, state: Any) -> None:
         send_text=send_text,
         send_bytes=send_bytes,
         executor=state.executor,
+        counters=state.counters,
     )
     state.session = session
     for text in translator.start():

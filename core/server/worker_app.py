@@ -38,6 +38,7 @@ from core.protocol import ErrorCode, error_event
 from core.server.realtime_worker import realtime_router
 from core.server.ref_audio_routes import build_ref_audio_router, connect_voices
 from core.server.speech_routes import speech_router
+from core.session.counters import SessionCounters
 from core.session.duplex import DuplexSession
 from core.session.executor import device_executor
 from core.session.text import SentenceChunker
@@ -62,6 +63,8 @@ class WorkerState:
     executor: ThreadPoolExecutor = field(default_factory=lambda: device_executor("model"))
     session: DuplexSession | None = None
     sessions_served: int = 0
+    #: Preemptive replies and end-of-turn decisions of every session this worker served.
+    counters: SessionCounters = field(default_factory=SessionCounters)
 
     async def serve_exclusively(
         self,
@@ -95,6 +98,7 @@ class WorkerState:
             "worker_index": self.index,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "sessions_served": self.sessions_served,
+            "counters": self.counters.snapshot(),
         }
         if self.stack is not None:
             body.update(models=dict(self.stack.info), device=self.stack.device, stack=self.stack.kind)
@@ -337,6 +341,7 @@ async def _run_session(ws: WebSocket, state: WorkerState) -> None:
         send_text=ws.send_text,
         send_bytes=ws.send_bytes,
         executor=state.executor,
+        counters=state.counters,
     )
     state.session = session
     runner = asyncio.create_task(session.run())

@@ -3,11 +3,15 @@
 Pure bookkeeping in sample indices (absolute positions in the session's input stream), so it is exact
 and testable without a clock. Speech is counted in voiced samples, not wall time: a cough followed by
 silence never adds up to a turn, and loopback of the assistant's own silence never looks like speech.
+
+Besides the hard endpoint (``endpoint_silence`` of silence), a turn in progress reports a *pause* once
+``pause_silence`` of silence follows speech, and a *resume* once ``min_speech`` of speech follows a pause:
+the session asks its turn model at the pause and starts a preemptive reply there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.session.state import Event
 
@@ -17,7 +21,8 @@ HYSTERESIS = 0.15
 
 @dataclass(frozen=True)
 class VoiceEvent:
-    """A speech decision: ``kind`` is SPEECH_START, BARGE_IN or SPEECH_END (or COMMIT, made by the session).
+    """A speech decision: ``kind`` is SPEECH_START, BARGE_IN, SPEECH_PAUSE, SPEECH_RESUME or SPEECH_END (or
+    COMMIT, made by the session).
 
     ``start`` is the onset of the utterance, ``end`` the end of its last voiced window (for SPEECH_START
     and BARGE_IN: the current position), ``at`` where in the stream the decision was taken.
@@ -38,6 +43,11 @@ class SegmenterConfig:
     barge_in: int
     endpoint_silence: int
     max_utterance: int
+    pause_silence: int = 0  # 0: no pause events
+
+    def with_silences(self, *, endpoint_silence: int, pause_silence: int) -> SegmenterConfig:
+        """The same config with other silence windows (in samples)."""
+        return replace(self, endpoint_silence=endpoint_silence, pause_silence=pause_silence)
 
     @classmethod
     def from_ms(
@@ -49,6 +59,7 @@ class SegmenterConfig:
         barge_in_min_speech_ms: int,
         endpoint_silence_ms: int,
         max_utterance_s: float,
+        pause_silence_ms: int = 0,
     ) -> SegmenterConfig:
         """Build from the config's milliseconds."""
         per_ms = sample_rate / 1000
@@ -58,6 +69,7 @@ class SegmenterConfig:
             barge_in=round(barge_in_min_speech_ms * per_ms),
             endpoint_silence=round(endpoint_silence_ms * per_ms),
             max_utterance=round(max_utterance_s * sample_rate),
+            pause_silence=round(pause_silence_ms * per_ms),
         )
 
 
@@ -76,6 +88,9 @@ class SpeechSegmenter:
         self._loud = False
         self._started = False
         self._barged = False
+        self._paused = False  # a pause was reported for the current silence
+        self._early_end: int | None = None  # a nearer endpoint for the current silence (end_after)
+        self._resume_voiced: int | None = None  # voiced samples since the last pause, until the resume
 
     @property
     def in_utterance(self) -> bool:
@@ -98,7 +113,20 @@ class SpeechSegmenter:
             self._onset, self._voiced = start, 0
         self._voiced += end - start
         self._last_voiced_end = end
-        return self._crossings(end)
+        self._paused = False
+        self._early_end = None
+        out = self._crossings(end)
+        if self._resume_voiced is not None and self._onset is not None:
+            self._resume_voiced += end - start
+            if self._resume_voiced >= max(cfg.min_speech, 1):
+                self._resume_voiced = None
+                out.append(VoiceEvent(Event.SPEECH_RESUME, self._onset, end, end))
+        return out
+
+    @property
+    def last_voiced_end(self) -> int:
+        """End sample of the utterance's last voiced window."""
+        return self._last_voiced_end
 
     def _crossings(self, now: int) -> list[VoiceEvent]:
         cfg = self.config
@@ -120,12 +148,39 @@ class SpeechSegmenter:
         Audio past the last whole VAD window counts as silence here, so the endpoint fires at the
         first input frame that completes the silence window, not up to one VAD window later.
         """
-        if self._onset is None or position - self._last_voiced_end < self.config.endpoint_silence:
+        if self._onset is None:
             return []
+        silence = position - self._last_voiced_end
+        early = self._early_end is not None and position >= self._early_end
+        if silence < self.config.endpoint_silence and not early:
+            return self._pause(position, silence)
         if not (self._started or self._barged):
             self.reset()  # too short to be a turn (a cough, a click): forget it quietly
             return []
         return [self._end(position)]
+
+    def _pause(self, position: int, silence: int) -> list[VoiceEvent]:
+        cfg = self.config
+        if self._paused or not cfg.pause_silence or silence < cfg.pause_silence or not self._started:
+            return []
+        assert self._onset is not None
+        self._paused, self._resume_voiced = True, 0
+        return [VoiceEvent(Event.SPEECH_PAUSE, self._onset, self._last_voiced_end, position)]
+
+    def end_after(self, silence: int) -> None:
+        """End the utterance once the current silence lasts ``silence`` samples (before the endpoint).
+
+        The session's turn judges use it when they find the user probably done but not surely: the
+        endpoint comes sooner for this silence only; speech cancels it.
+        """
+        if self._onset is not None:
+            self._early_end = self._last_voiced_end + silence
+
+    def confirm(self, position: int) -> VoiceEvent | None:
+        """End the utterance now on the session's decision (the turn model's); None when there is none."""
+        if self._onset is None or not (self._started or self._barged):
+            return None
+        return self._end(position)
 
     def finish(self, position: int) -> list[VoiceEvent]:
         """The input stopped at ``position``: end the utterance now (if it is a turn) or forget it."""

@@ -10,6 +10,10 @@ bumped the generation and queued the clear, no packet of the old reply can follo
 Audio is paced: the sender keeps a model of the client's playback (``playhead``: when the client will
 have played everything sent) and never lets it run more than ``lead_s`` ahead of now, so that a
 barge-in has at most that much audio to take back.
+
+A reply started before the user's turn was confirmed (a preemptive reply) is *held*: its items queue up
+in the response lane as usual but none leaves until the session releases its generation. Discarding it is
+an ordinary generation bump, so a held reply that is never confirmed sends nothing at all.
 """
 
 from __future__ import annotations
@@ -67,6 +71,23 @@ class Outbox:
         self.available = asyncio.Event()  # anything new
         self._space = asyncio.Event()
         self._space.set()
+        self._held_generation: int | None = None  # the generation whose items wait for release
+
+    def hold(self, generation: int | None) -> None:
+        """Keep every reply item of ``generation`` queued until :meth:`release` (None: hold nothing)."""
+        self._held_generation = generation
+        self._wake(urgent=True)
+
+    def release(self, generation: int) -> None:
+        """Let the held items of ``generation`` go out."""
+        if self._held_generation == generation:
+            self._held_generation = None
+            self._wake(urgent=True)
+
+    @property
+    def held(self) -> int | None:
+        """The generation being held, if any."""
+        return self._held_generation
 
     def control(self, text: str, *, reset_playhead: bool = False) -> None:
         """Queue a control event (sent before any reply item; never dropped)."""
@@ -112,8 +133,8 @@ class Outbox:
         return self._control.popleft() if self._control else None
 
     def pop_reply(self) -> _Item | None:
-        """The next reply item, if any."""
-        if not self._reply:
+        """The next reply item, if any (none while the head of the lane is held)."""
+        if not self._reply or self._reply[0].generation == self._held_generation:
             return None
         item = self._reply.popleft()
         if item.audio is not None:

@@ -27,7 +27,11 @@ class Event(StrEnum):
     """Something that happened."""
 
     SPEECH_START = "speech_start"  # user speech lasted duplex.min_speech_ms
-    SPEECH_END = "speech_end"  # endpoint: duplex.endpoint_silence_ms of silence after speech
+    SPEECH_END = "speech_end"  # end of turn: the silence limit, or the turn model's confident judgement
+    # A short silence after speech (duplex.pause_check_ms) and speech again after it. Not transitions:
+    # the session asks the turn model and starts or drops a preemptive reply on them.
+    SPEECH_PAUSE = "speech_pause"
+    SPEECH_RESUME = "speech_resume"
     BARGE_IN = "barge_in"  # user speech lasted duplex.barge_in_min_speech_ms
     COMMIT = "commit"  # client: input_audio_buffer.commit
     RESPONSE_STARTED = "response_started"  # the first reply audio packet was sent

@@ -178,3 +178,12 @@ class SentenceChunker:
             return []
         self._emitted += 1
         return [cleaned]
+
+
+def same_words(a: str, b: str) -> bool:
+    """Whether two transcripts say the same words, ignoring case and punctuation."""
+
+    def words(text: str) -> list[str]:
+        return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+
+    return words(a) == words(b)

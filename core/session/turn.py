@@ -7,6 +7,10 @@ stops the models within one token or one audio chunk; the session cancels the ta
 
 Failures of a model call end the turn with an ``error`` event (no traceback) and ``response.done``
 with status ``failed``; the session keeps listening.
+
+A *preemptive* turn starts at a pause, before the session knows the user has finished: it runs exactly
+like any other (its output held back by the outbox) and learns when the turn was decided, if ever, from
+:meth:`Turn.confirm`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from core.audio.opus import OpusEncoder
-from core.models.base import OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
+from core.models.base import OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack, PrefixASR
 from core.models.chat import bound_history
 from core.protocol import (
     ResponseCreated,
@@ -80,10 +84,14 @@ class TurnRequest:
     index: int
     audio: np.ndarray
     speech_end_at: float
-    decided_at: float
+    decided_at: float | None  # None: preemptive, not decided yet
     instructions: str
     language: str | None = None
     voice: str | None = None
+    #: Already known text of the utterance (final-transcript check of the session): ASR is skipped.
+    transcript: str | None = None
+    #: Words the utterance is known to start with (agreed partial transcripts), forced on the ASR.
+    asr_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,31 @@ class Turn:
         self._clause_tag: int | None = None  # the clause whose last audio goes in the next packet
         self._all_queued = False  # every packet of the reply is in the outbox
         self._remembered = False  # the exchange is in the conversation history
+        self.decided_at = request.decided_at
+        #: What ended the user's turn and what the judges said (``TurnTimings``), set by the session.
+        self.end_of_turn: str | None = None
+        self.turn_probability: float | None = None
+        self.text_probability: float | None = None
+        self.outcome: Outcome | None = None
+        #: Set once the transcript is known (empty when ASR failed).
+        self.transcribed = asyncio.Event()
+
+    @property
+    def preemptive(self) -> bool:
+        """Whether this reply started before its turn was decided."""
+        return self.request.decided_at is None
+
+    def confirm(self, decided_at: float) -> None:
+        """The user's turn was decided at ``decided_at`` (session clock): this reply is the one to send."""
+        self.decided_at = decided_at
+
+    def judged(
+        self, end_of_turn: str, turn_probability: float | None, text_probability: float | None
+    ) -> None:
+        """Note what ended the user's turn and what the turn model and the words judge said of it."""
+        self.end_of_turn = end_of_turn
+        self.turn_probability = turn_probability
+        self.text_probability = text_probability
 
     @property
     def generation(self) -> int:
@@ -137,8 +170,15 @@ class Turn:
 
     async def run(self) -> Outcome:
         """Transcribe, and answer unless the transcript is empty."""
+        self.outcome = await self._run()
+        return self.outcome
+
+    async def _run(self) -> Outcome:
         try:
-            self.transcript = await self._transcribe()
+            try:
+                self.transcript = await self._transcribe()
+            finally:
+                self.transcribed.set()
             if not self.transcript:
                 return "empty"
             self._put(TranscriptionCompleted(item_id=self.item_id, transcript=self.transcript))
@@ -177,9 +217,17 @@ class Turn:
 
     async def _transcribe(self) -> str:
         stack, req = self.deps.stack, self.request
+        if req.transcript is not None:
+            return req.transcript.strip()
         self._mark("asr_start")
         try:
-            result = await run_blocking(self.deps.executor, stack.asr.transcribe, req.audio, req.language)
+            if req.asr_prefix and isinstance(stack.asr, PrefixASR):
+                call = functools.partial(
+                    stack.asr.transcribe_with_prefix, req.audio, req.asr_prefix, req.language
+                )
+                result = await run_blocking(self.deps.executor, call)
+            else:
+                result = await run_blocking(self.deps.executor, stack.asr.transcribe, req.audio, req.language)
         except Exception as exc:
             raise _StageFailed("asr", exc) from exc
         self._mark("asr_end")
@@ -307,15 +355,23 @@ class Turn:
         """Per-stage latencies so far; ``stats`` carries the sender's stamp of the first packet sent."""
         m, req = self._marks.get, self.request
         return TurnTimings(
-            endpoint_ms=_ms(req.speech_end_at, req.decided_at),
+            endpoint_ms=_ms(req.speech_end_at, self.decided_at),
+            end_of_turn=self.end_of_turn,  # type: ignore[arg-type]
+            turn_probability=_round(self.turn_probability),
+            text_probability=_round(self.text_probability),
+            preemptive=self.preemptive,
             asr_ms=_ms(m("asr_start"), m("asr_end")),
             llm_first_token_ms=_ms(m("asr_end"), m("first_token")),
             first_sentence_ms=_ms(m("asr_end"), m("first_chunk")),
             tts_first_audio_ms=_ms(m("first_chunk"), m("first_audio")),
             voice_to_voice_ms=_ms(req.speech_end_at, stats.first_audio_at),
-            total_ms=_ms(req.decided_at, now),
+            total_ms=_ms(self.decided_at, now),
             audio_s=round(stats.audio_s, 3),
         )
+
+
+def _round(p: float | None) -> float | None:
+    return None if p is None else round(p, 3)
 
 
 def _ms(start: float | None, end: float | None) -> float | None:

@@ -184,7 +184,10 @@ class Session:
             await self.ws.send_bytes(blob[:cut])
             await self.ws.send_bytes(blob[cut:])
         total_ms = (time.monotonic() - t0) * 1000
-        timings = {"voice_to_voice_ms": 42.0, "asr_ms": 10.0, "llm_first_token_ms": 5.0, "total_ms": total_ms}
+        timings = {
+            "voice_to_voice_ms": 42.0, "endpoint_ms": 230.0, "turn_probability": 0.91, "preemptive": True,
+            "asr_ms": 10.0, "llm_first_token_ms": 5.0, "total_ms": total_ms,
+        }  # fmt: skip
         await self.send(
             {"type": "response.done", "response_id": rid, "status": "completed", "timings": timings}
         )
