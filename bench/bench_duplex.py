@@ -18,7 +18,7 @@ Turn, preemptive replies, CTranslate2 Whisper over the clip's own length). Measu
 - the end-of-turn decision time (``response.done.timings.endpoint_ms``) and the per-stage timings.
 
 After the first reply packet the client waits 0.3 s and sends ``response.cancel`` (both pipelines alike), so
-the run is not spent listening to replies. Ends with ``RESULT v2v_p50_ms=... v2v_p95_ms=...
+the run is not spent listening to replies, and the history is cleared: every utterance is a first question. Ends with ``RESULT v2v_p50_ms=... v2v_p95_ms=...
 false_cutoff_rate=... wer=... baseline_v2v_p50_ms=...``.
 
 **Engine** (``--fake``):
@@ -367,6 +367,9 @@ class _Live:
         for key in CORPUS_STAGES:
             if timings.get(key) is not None:
                 res.stages.setdefault(key, []).append(timings[key])
+        # Every utterance is a first question: the cancelled replies would otherwise fill the history with
+        # "…" (the cut-off marker), which the small LLM soon starts answering with.
+        self.session.conversation.history.clear()
         await client.play(np.zeros(int(0.3 * SR), np.float32))
 
 
