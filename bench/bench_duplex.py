@@ -77,6 +77,7 @@ from core.models.base import ModelStack
 from core.models.fake import build_fake_stack
 from core.session.duplex import DuplexSession
 from core.session.executor import device_executor
+from tests.speech import word_edits
 
 SR = 16_000
 FRAME = 320
@@ -297,20 +298,6 @@ def last_voiced(audio: np.ndarray, floor: float = 1e-3) -> int:
     return int(loud[-1]) if loud.size else len(audio) - 1
 
 
-def _words(text: str) -> list[str]:
-    return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
-
-
-def _edits(reference: str, hypothesis: str) -> int:
-    ref, hyp = _words(reference), _words(hypothesis)
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)]
-
-
 class _Live:
     """A session, its wire and its client, for one pipeline."""
 
@@ -356,9 +343,9 @@ class _Live:
             lambda: any(t >= first for t, _ in wire.of("response.done")[marks["response.done"] :])
         )
         heard = " ".join(e["transcript"] for _, e in wire.of(TRANSCRIPT)[marks[TRANSCRIPT] :])
-        edits = _edits(text, heard)
+        edits, words = word_edits(text, heard)
         res.edits += edits
-        res.ref_words += len(_words(text))
+        res.ref_words += words
         if edits:
             res.misheard.append((text, heard))
         done = next(e for t, e in wire.of("response.done")[marks["response.done"] :] if t >= first)

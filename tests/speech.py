@@ -38,8 +38,8 @@ def with_silence(audio: np.ndarray, before_s: float, after_s: float, rate: int =
     )
 
 
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word error rate after lower-casing and dropping punctuation."""
+def word_edits(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word edits, reference words) after lower-casing and dropping punctuation."""
 
     def words(s: str) -> list[str]:
         return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in s).split()
@@ -50,4 +50,10 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         prev, d[0] = d[0], i
         for j, h in enumerate(hyp, 1):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)] / max(1, len(ref))
+    return d[len(hyp)], len(ref)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word error rate after lower-casing and dropping punctuation."""
+    edits, words = word_edits(reference, hypothesis)
+    return edits / max(1, words)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,10 @@ from core.models.whisper import (
     ASRError,
     Guards,
     _as_clip,
+    batch_clips,
     compression_ratio,
     cut_repetition,
-    split_long,
+    transcribe_long,
 )
 
 #: Silence after a clip in ``window="fit"`` (seconds). On 100 bench clips, 0 s had 2.7x the full window's
@@ -151,32 +151,14 @@ class CT2WhisperASR:
         self, audio: np.ndarray, language: str | None = None, *, timestamps: bool = False
     ) -> Transcript:
         """Transcribe one utterance of any length; clips over 30 s are split at quiet points."""
-        clip = _as_clip(audio)
-        if len(clip) <= MAX_CLIP_S * INPUT_SAMPLE_RATE:
-            return self.transcribe_batch([clip], language, timestamps=timestamps)[0]
-        pieces = split_long(clip)
-        parts = self.transcribe_batch([p for _, p in pieces], language, timestamps=timestamps)
-        segments: list[Segment] = []
-        for (start, piece), part in zip(pieces, parts, strict=True):
-            at, end = start / INPUT_SAMPLE_RATE, (start + len(piece)) / INPUT_SAMPLE_RATE
-            moved = [Segment(s.start + at, s.end + at, s.text) for s in part.segments]
-            segments += moved if timestamps else [Segment(at, end, part.text)] if part.text else []
-        found = Counter(p.language for p in parts if p.text and p.language)
-        detected = found.most_common(1)[0][0] if found else language
-        return Transcript(" ".join(p.text for p in parts if p.text), detected, tuple(segments))
+        return transcribe_long(audio, self.transcribe_batch, language, timestamps)
 
     def transcribe_batch(
         self, audios: Sequence[np.ndarray], language: str | None = None, *, timestamps: bool = False
     ) -> list[Transcript]:
         """Transcribe clips of at most 30 s each in one batched pass; ``timestamps`` adds timed segments."""
-        clips = [_as_clip(a) for a in audios]
+        clips = batch_clips(audios)
         language = self._check_language(language)
-        for i, clip in enumerate(clips):
-            if len(clip) > MAX_CLIP_S * INPUT_SAMPLE_RATE:
-                raise ASRError(
-                    f"batch item {i} is {len(clip) / INPUT_SAMPLE_RATE:.1f} s, over Whisper's 30 s window: "
-                    "split it first (transcribe() does)"
-                )
         return self._run(clips, language, timestamps, [])
 
     def transcribe_with_prefix(

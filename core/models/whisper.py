@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,42 @@ def _as_clip(audio: Any) -> np.ndarray:
     return clip
 
 
+def batch_clips(audios: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Checked clips for a batch: each mono, finite and at most one 30 s Whisper window."""
+    clips = [_as_clip(a) for a in audios]
+    for i, clip in enumerate(clips):
+        if len(clip) > MAX_CLIP_S * INPUT_SAMPLE_RATE:
+            raise ASRError(
+                f"batch item {i} is {len(clip) / INPUT_SAMPLE_RATE:.1f} s, over Whisper's 30 s window: "
+                "split it first (transcribe() does)"
+            )
+    return clips
+
+
+def transcribe_long(
+    audio: np.ndarray,
+    batch: Callable[..., list[Transcript]],
+    language: str | None,
+    timestamps: bool,
+) -> Transcript:
+    """Any length through a 30 s ``batch`` call: split at quiet points, decode the pieces together, join them."""
+    clip = _as_clip(audio)
+    if len(clip) <= MAX_CLIP_S * INPUT_SAMPLE_RATE:
+        return batch([clip], language, timestamps=timestamps)[0]
+    pieces = split_long(clip)
+    parts = batch([p for _, p in pieces], language, timestamps=timestamps)
+    segments: list[Segment] = []
+    for (start, piece), part in zip(pieces, parts, strict=True):
+        offset = start / INPUT_SAMPLE_RATE
+        if timestamps:
+            segments += [Segment(s.start + offset, s.end + offset, s.text) for s in part.segments]
+        elif part.text:
+            segments.append(Segment(offset, offset + len(piece) / INPUT_SAMPLE_RATE, part.text))
+    found = Counter(p.language for p in parts if p.text and p.language)
+    detected = found.most_common(1)[0][0] if found else language
+    return Transcript(" ".join(p.text for p in parts if p.text), detected, tuple(segments))
+
+
 class WhisperASR:
     """Speech to text with a transformers Whisper (hub id or local folder); one instance, one model."""
 
@@ -160,34 +196,14 @@ class WhisperASR:
         self, audio: np.ndarray, language: str | None = None, *, timestamps: bool = False
     ) -> Transcript:
         """Transcribe one utterance of any length; clips over 30 s are split at quiet points."""
-        clip = _as_clip(audio)
-        if len(clip) <= MAX_CLIP_S * INPUT_SAMPLE_RATE:
-            return self.transcribe_batch([clip], language, timestamps=timestamps)[0]
-        pieces = split_long(clip)
-        parts = self.transcribe_batch([p for _, p in pieces], language, timestamps=timestamps)
-        segments: list[Segment] = []
-        for (start, piece), part in zip(pieces, parts, strict=True):
-            offset = start / INPUT_SAMPLE_RATE
-            if timestamps:
-                segments += [Segment(s.start + offset, s.end + offset, s.text) for s in part.segments]
-            elif part.text:
-                segments.append(Segment(offset, offset + len(piece) / INPUT_SAMPLE_RATE, part.text))
-        found = Counter(p.language for p in parts if p.text and p.language)
-        detected = found.most_common(1)[0][0] if found else language
-        return Transcript(" ".join(p.text for p in parts if p.text), detected, tuple(segments))
+        return transcribe_long(audio, self.transcribe_batch, language, timestamps)
 
     def transcribe_batch(
         self, audios: Sequence[np.ndarray], language: str | None = None, *, timestamps: bool = False
     ) -> list[Transcript]:
         """Transcribe clips of at most 30 s each in one batched pass; ``timestamps`` adds timed segments."""
-        clips = [_as_clip(a) for a in audios]
+        clips = batch_clips(audios)
         language = self._check_language(language)
-        for i, clip in enumerate(clips):
-            if len(clip) > MAX_CLIP_S * INPUT_SAMPLE_RATE:
-                raise ASRError(
-                    f"batch item {i} is {len(clip) / INPUT_SAMPLE_RATE:.1f} s, over Whisper's 30 s window: "
-                    "split it first (transcribe() does)"
-                )
         results = [Transcript("", language) for _ in clips]
         loud = [
             i for i, c in enumerate(clips) if c.size and np.sqrt(np.mean(np.square(c))) >= self.guards.min_rms
