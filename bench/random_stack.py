@@ -1,7 +1,7 @@
 """Randomly initialised models of the production sizes, in folders our real backends load unchanged.
 
 GPU benchmarks measure compute, and compute does not depend on the weights' values, so random weights of
-the real shapes (``/work/shared/model_shapes.json``, copied in ``SHAPES`` below) give the real cost without
+the real shapes (the models' published sizes, copied in ``SHAPES`` below) give the real cost without
 downloading anything. Two things differ from trained weights and are fixed here so that a turn still runs
 the way a real one does:
 
@@ -35,7 +35,7 @@ from core.models.whisper import Guards  # noqa: E402
 
 Scale = Literal["tiny", "full"]
 WHISPER_BASE = ROOT / "data" / "models" / "whisper-base"
-#: Published hyper-parameters (the same values as /work/shared/model_shapes.json, which is not in the repo).
+#: Published hyper-parameters of the production models (from their model cards and configs).
 SHAPES: dict[str, dict[str, Any]] = {
     "whisper-medium": {
         "vocab_size": 51865,
