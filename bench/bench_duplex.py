@@ -448,7 +448,8 @@ def corpus_configs(max_new_tokens: int = 60) -> dict[str, Config]:
     """Today's pipeline (every new behaviour off) and the default one, on the embedded stack."""
     model = {"stack": "embedded", "temperature": 0.0, "max_new_tokens": max_new_tokens}
     baseline = {
-        "model": {**model, "asr_engine": "transformers", "dtype": "float32"},  # today's LLM ran in float32
+        # today's ASR and LLM: transformers, the LLM in float32
+        "model": {**model, "asr_engine": "transformers", "llm_engine": "transformers", "dtype": "float32"},
         "duplex": {"turn_detection": "server_vad", "preemptive_reply": False, "asr_partial_interval_ms": 0},
     }
     return {"baseline": Config.model_validate(baseline), "new": Config.model_validate({"model": model})}

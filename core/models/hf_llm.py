@@ -40,19 +40,17 @@ import torch
 
 from core.models.base import CancelToken, ChatMessage, NeverCancel
 from core.models.device import resolve_attention, resolve_device, resolve_dtype
+from core.models.llm_text import (
+    LLMError,
+    TextDeltas,
+    check_messages,
+    end_ids,
+    judge_prompt,
+    render_prompt,
+    stop_ids,
+)
 
-ROLES = ("system", "user", "assistant")
-# End-of-turn markers of the common chat formats: stopping on them too guards against a generation config
-# that names only the end-of-text token.
-_END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-
-
-#: Punctuation that ASR may put after the last word; the words judge looks at the words before it.
-_END_MARKS = ".?!…,;:。？！，；：、"
-
-
-class LLMError(RuntimeError):
-    """An LLM that cannot be loaded, or a request it cannot serve (bad messages, prompt too long)."""
+__all__ = ["LLMError", "Sampling", "TextDeltas", "TransformersLLM", "check_messages"]
 
 
 @dataclass(frozen=True)
@@ -80,56 +78,6 @@ class Sampling:
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])
-
-
-class TextDeltas:
-    """Turns token ids, one at a time, into text pieces that never end inside a character.
-
-    A character can span several byte-level tokens (most CJK characters, emoji), and decoding such a token
-    alone gives U+FFFD. Text is decoded over a short window of recent tokens and released only once it no
-    longer ends in U+FFFD. The window starts one emitted piece back, so tokenizers whose decoding of a
-    token depends on its neighbour (SentencePiece's leading space) decode it as in the full text.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._start = 0  # first id of the decode window
-        self._done = 0  # ids before this are already out as text
-        self._done_text = ""  # the window's text up to _done
-
-    def _decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-    def push(self, token_id: int) -> str:
-        """Add one token; returns the new complete text (often "" while a character is unfinished)."""
-        self._ids.append(token_id)
-        text = self._decode(self._ids[self._start :])
-        if text.endswith("\ufffd") or len(text) <= len(self._done_text):
-            return ""
-        delta = text[len(self._done_text) :]
-        self._start, self._done = self._done, len(self._ids)
-        self._done_text = self._decode(self._ids[self._start : self._done])
-        return delta
-
-    def flush(self) -> str:
-        """Whatever is still held back (an unfinished character at the very end of the output)."""
-        text = self._decode(self._ids[self._start :])
-        tail = text[len(self._done_text) :]
-        self._start = self._done = len(self._ids)
-        self._done_text = ""
-        return tail
-
-
-def check_messages(messages: Sequence[ChatMessage]) -> None:
-    """A clear ``LLMError`` for a conversation a chat template cannot render."""
-    if not messages:
-        raise LLMError("no messages to answer")
-    for message in messages:
-        if message.role not in ROLES:
-            raise LLMError(f"unknown message role '{message.role}' (expected one of {', '.join(ROLES)})")
-        if not isinstance(message.content, str):
-            raise LLMError("message content must be text")
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -214,17 +162,6 @@ def _has_accelerate() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
-def _stop_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    eos = getattr(generation_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    added = tokenizer.get_added_vocab()
-    ids.update(added[token] for token in _END_OF_TURN if token in added)
-    return frozenset(int(i) for i in ids)
-
-
 class TransformersLLM:
     """A chat LLM from a hub id or a local transformers folder, streaming its reply token by token.
 
@@ -285,10 +222,8 @@ class TransformersLLM:
         if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not compile and _cpu_bf16():
             self.packed_layers = _pack_linears(self.model)
         self.max_context = min(max_context, int(self.model.config.max_position_embeddings))
-        self.stop_ids = _stop_ids(self.tokenizer, self.model.generation_config)
-        # What may end a user's message: an end-of-turn token or a sentence mark (each a single token).
-        marks = [self.tokenizer.encode(m, add_special_tokens=False) for m in ".?!。？！"]
-        self._end_ids = self.stop_ids | {ids[0] for ids in marks if len(ids) == 1}
+        self.stop_ids = stop_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
+        self._end_ids = end_ids(self.tokenizer, self.stop_ids)
         # Embedding matrices are often padded past the tokenizer; those ids are no text and must not be drawn.
         self._vocab_size = len(self.tokenizer)
         self.seed = seed
@@ -311,13 +246,7 @@ class TransformersLLM:
 
     def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text the model sees: the chat template applied, ending where the reply begins."""
-        check_messages(messages)
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        return str(rendered)
+        return render_prompt(self.tokenizer, messages)
 
     def prompt_ids(self, messages: Sequence[ChatMessage]) -> torch.Tensor:
         """The prompt as a (1, length) tensor of token ids on the model's device."""
@@ -339,12 +268,9 @@ class TransformersLLM:
         if not self.prefix_cache or self._static:
             return
         check_messages(messages)
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=messages[-1].role == "user",
-            tokenize=False,
+        ids = self._ids(
+            render_prompt(self.tokenizer, messages, generation_prompt=messages[-1].role == "user")
         )
-        ids = self._ids(str(rendered))
         if not ids:
             return
         if len(ids) > self.max_context:
@@ -366,17 +292,10 @@ class TransformersLLM:
         One forward pass; the prefix cache makes the system prompt and history free, and the reply's call
         that usually follows reuses what this one fed.
         """
-        check_messages(messages)
-        if messages[-1].role != "user":
-            raise LLMError("the last message must be the user's")
-        text = messages[-1].content.rstrip(_END_MARKS + " \t\n")
-        if not text.strip():
+        prompt = judge_prompt(self.tokenizer, messages)
+        if prompt is None:
             return 0.0
-        shown = [{"role": m.role, "content": m.content} for m in messages[:-1]] + [
-            {"role": "user", "content": text}
-        ]
-        rendered = str(self.tokenizer.apply_chat_template(shown, add_generation_prompt=False, tokenize=False))
-        ids = self._ids(rendered[: rendered.rfind(text) + len(text)])  # up to the last word, unclosed
+        ids = self._ids(prompt)
         if len(ids) > self.max_context:
             raise LLMError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_context}")
         owner = object()

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from core.config import Config, ModelConfig
-from core.models.base import ASR, TTS, ModelStack, TurnDetector
+from core.models.base import ASR, LLM, TTS, ModelStack, TurnDetector
 
 log = logging.getLogger("models")
 
@@ -87,6 +87,50 @@ def asr_engine(model: ModelConfig, stack_name: str) -> str:
     return "ctranslate2" if stack_name == "embedded" and _device(model) == "cpu" else "transformers"
 
 
+def llm_engine(model: ModelConfig, stack_name: str) -> str:
+    """The LLM engine for a config: ``auto`` is CTranslate2 (int8) for the embedded CPU stack, transformers otherwise.
+
+    Decoding on a CPU is bound by the bytes of weights read per token; int8 reads a quarter of float32's.
+    GPU checkpoints (Qwen2.5-7B) stay on transformers, whose bf16, compile and prefix KV reuse serve them.
+    """
+    if model.llm_engine != "auto":
+        return model.llm_engine
+    return "ctranslate2" if stack_name == "embedded" and _device(model) == "cpu" else "transformers"
+
+
+def _build_llm(config: Config, name: str) -> LLM:
+    m = config.model
+    if llm_engine(m, name) == "ctranslate2":
+        from core.models.ct2_llm import CT2LLM
+
+        if name == "embedded":
+            from core.models import embedded
+
+            path = str(embedded.paths(Path(m.embedded_dir)).llm_ct2)
+        else:
+            path = m.llm_path  # a CTranslate2 chat model folder
+        return CT2LLM(
+            path, device=_device(m), intra_threads=m.cpu_threads, temperature=m.temperature, top_p=m.top_p
+        )
+    from core.models.hf_llm import TransformersLLM
+
+    if name == "embedded":
+        from core.models import embedded
+
+        path = str(embedded.paths(Path(m.embedded_dir)).llm)
+    else:
+        path = m.llm_path
+    return TransformersLLM(
+        path,
+        device=_device(m),
+        dtype=m.dtype,
+        attn_implementation=m.attn_implementation,
+        compile=m.compile,
+        temperature=m.temperature,
+        top_p=m.top_p,
+    )
+
+
 def _build_asr(config: Config, name: str) -> ASR:
     m = config.model
     if asr_engine(m, name) == "ctranslate2":
@@ -151,7 +195,6 @@ def build_stack(config: Config) -> ModelStack:
             return replace(fake, tts=tts, info={**fake.info, "tts": tts.name})
         return fake
     from core.audio.vad import SileroVAD, load_silero_session
-    from core.models.hf_llm import TransformersLLM
 
     m = config.model
     _set_threads(m)
@@ -160,25 +203,15 @@ def build_stack(config: Config) -> ModelStack:
         from core.models import embedded
 
         paths = embedded.paths(Path(m.embedded_dir))
-        llm_path = str(paths.llm)
         piper: tuple[Path, Path] | None = (paths.piper_onnx, paths.piper_json)
         vad_session = load_silero_session(paths.silero_onnx)
         tts = _tts(config, "piper", piper)
     else:
-        llm_path = m.llm_path
         vad_session = load_silero_session()
         tts = _tts(config, _production_tts_default(), None)
     asr = _build_asr(config, name)
     turn = _turn_model(config)
-    llm = TransformersLLM(
-        llm_path,
-        device=device,
-        dtype=m.dtype,
-        attn_implementation=m.attn_implementation,
-        compile=m.compile,
-        temperature=m.temperature,
-        top_p=m.top_p,
-    )
+    llm = _build_llm(config, name)
     info = {"stack": name, "asr": asr.name, "llm": llm.name, "tts": tts.name, "vad": "silero"}
     if turn is not None:
         info["turn"] = turn.name
