@@ -207,6 +207,9 @@ async def run_bench(stack: ModelStack, config: Config, *, turns: int, speech: np
             break
         await client.play(np.zeros(int(0.3 * SR), np.float32))  # let the reply play a little
         end = await _barge_in(client, wire, config, speech, res)
+    # The last reply is not heard out: random weights (random-production) never end one, and a long reply
+    # only adds time. Its response.done, cancelled, carries the same timings.
+    await session.on_text(json.dumps({"type": "response.cancel"}))
     await client.silence_until(lambda: len(wire.of("response.done")) >= turns)
     await session.close("bench_done")
     await runner
