@@ -69,3 +69,24 @@ def test_real_whisper_transcribes_audio_and_video_files(
     assert rows["missing"]["error"].startswith("missing:")
     assert rows["corrupt"]["error"].startswith("undecodable:")
     assert "ok 4, no_speech 1, error 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", ["looped", "no pause"])
+def test_real_whisper_distills_files_longer_than_a_window(tmp_path: Path, shape: str) -> None:
+    """A 35 s looped recording and 40 s of speech with no pause come back whole, timed across the file."""
+    import soundfile as sf
+
+    from tests.test_long_audio import SR, check_whole, looped, no_pause
+
+    audio, said = looped(35) if shape == "looped" else no_pause(40)
+    path = tmp_path / "long.flac"
+    sf.write(path, audio, SR)
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"{path}\n")
+    out = tmp_path / "out.jsonl"
+    factory = ["--asr-factory", "tests.test_distill_whisper:make_whisper", "--no-progress"]
+    assert cli.main([str(manifest), "--output", str(out), *factory]) == 0
+    (row,) = list(iter_rows(out))
+    assert row["status"] == "ok", row
+    assert row["duration_s"] == pytest.approx(len(audio) / SR, abs=0.05)
+    check_whole(row["text"], said, [(s["start"], s["end"]) for s in row["segments"]], len(audio) / SR)

@@ -6,8 +6,8 @@ CTranslate2's encoder takes shorter mel inputs: ``window="fit"`` encodes the cli
 early or reads the clip twice, and with little it is less sure of silence (see ``FIT_PAD_S``).
 
 Guards against invented text are WhisperASR's (core/models/whisper.py): the RMS silence gate, the
-no-speech probability, a token cap per second of audio and the repetition cut, plus ``cut_restart`` for
-the one failure a short window adds. ``transcribe_with_prefix`` forces words already agreed on, so an
+no-speech probability (with OpenAI's log-probability condition), a token cap per second of audio and the
+repetition cut, plus ``cut_restart`` for the one failure a short window adds. ``transcribe_with_prefix`` forces words already agreed on, so an
 incremental caller decodes only the tail of a growing utterance.
 """
 
@@ -29,8 +29,10 @@ from core.models.whisper import (
     Guards,
     _as_clip,
     batch_clips,
-    compression_ratio,
     cut_repetition,
+    is_loop,
+    repeated_segment,
+    too_dense,
     transcribe_long,
 )
 
@@ -46,8 +48,6 @@ _CONTEXT = 448  # decoder positions
 #: 2 s clip the fit window's guess is often unsure, sometimes wrong ("Tell me a joke." -> Hebrew at p 0.28).
 DETECT_SURE = 0.5
 _DETECT_FRAMES = 1000
-#: Faster than anyone talks (240 words a minute): more words than this per second of audio were read twice.
-MAX_WORDS_PER_S = 4.0
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -220,10 +220,19 @@ class CT2WhisperASR:
                 for lang in languages
             ]
             out = self.model.generate(
-                encoded, prompts, beam_size=1, max_length=2 * cap, return_no_speech_prob=True
+                encoded,
+                prompts,
+                beam_size=1,
+                max_length=2 * cap,
+                return_no_speech_prob=True,
+                return_scores=True,  # the mean log-probability per token (greedy, length penalty 1)
             )
         for i, lang, res in zip(loud, languages, out, strict=True):
-            if res.no_speech_prob <= self.guards.no_speech_threshold:
+            # OpenAI's silence rule: "no speech" *and* an unsure text. Speech decodes at a mean log-prob
+            # near -0.2, noise's invented words under -1.5 (bench clips of 2-25 s), while the no-speech
+            # probability of a long window full of speech can pass 0.6.
+            silent = res.no_speech_prob > self.guards.no_speech_threshold
+            if not (silent and res.scores[0] < self.guards.logprob_threshold):
                 results[i] = self._transcript(res.sequences_ids[0], lang or None, timestamps, len(clips[i]))
         return results
 
@@ -263,12 +272,13 @@ class CT2WhisperASR:
         segments: list[Segment] = []
         for begin, end, toks in pieces:
             text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-            if compression_ratio(text) > self.guards.compression_ratio_threshold:
+            begin, end = min(begin, duration), min(end, duration)
+            if is_loop(text, end - begin, self.guards):
                 text = cut_repetition(text, self.guards.min_repeats)
-            if len(text.split()) > MAX_WORDS_PER_S * duration:
+            if too_dense(text, duration):
                 text = cut_restart(text)
-            if text and not (segments and segments[-1].text == text):  # a looped segment: keep one copy
-                segments.append(Segment(min(begin, duration), min(end, duration), text))
+            if text and not (segments and repeated_segment(segments[-1], text, begin, end)):
+                segments.append(Segment(begin, end, text))
         text = " ".join(s.text for s in segments)
         return Transcript(text, language, tuple(segments) if timestamps else ())
 

@@ -7,7 +7,8 @@ at once: the language (when the caller names none) and the probability of the no
 - a clip whose no-speech probability is above ``no_speech_threshold`` gives empty text (Whisper's own
   silence detector: it says "you" or "Thank you." over silence and noise, but knows it is guessing);
 - decoding is capped at a few tokens per second of audio, and a transcript that compresses too well
-  (a repetition loop) is cut back to the first copy of the repeated words.
+  and holds more words than its audio could (a repetition loop, ``is_loop``) is cut back to the first copy
+  of the repeated words; repeated speech at a speaking rate is kept.
 
 Clips over 30 s: ``transcribe`` splits them at quiet points and decodes the pieces as one batch;
 ``transcribe_batch`` rejects them, since a batch item is one Whisper window by contract.
@@ -43,9 +44,31 @@ class Guards:
 
     min_rms: float = 1e-3  # about -60 dBFS: quieter clips are silence
     no_speech_threshold: float = 0.6  # OpenAI's default
+    # OpenAI's default: a text decoded this surely (mean log-probability per token) was heard, whatever the
+    # no-speech probability says (Whisper base rates a window full of speech up to 0.76 "no speech")
+    logprob_threshold: float = -1.0
     compression_ratio_threshold: float = 2.4  # OpenAI's default: above it the text is a repetition loop
     tokens_per_second: float = 10.0  # fast speech is ~5 tokens/s; the cap only ends runaway loops
     min_repeats: int = 3  # a word sequence this many times in a row is a loop
+
+
+#: Faster than anyone talks (240 words a minute): more words than this per second of audio were not all said.
+MAX_WORDS_PER_S = 4.0
+
+
+def too_dense(text: str, seconds: float) -> bool:
+    """Whether ``text`` has more words than ``seconds`` of speech can hold (at least one second is allowed)."""
+    return len(text.split()) > MAX_WORDS_PER_S * max(seconds, 1.0)
+
+
+def is_loop(text: str, seconds: float, guards: Guards) -> bool:
+    """Whether ``text`` decoded from ``seconds`` of audio is a repetition loop rather than repeated speech.
+
+    A loop repeats (it compresses too well) *and* runs past what the audio could hold: Whisper caught in
+    one keeps writing until the token cap. A speaker who says the same sentence again and again (a chorus,
+    a looped recording) compresses as well, but at a speaking rate; that text is what was said.
+    """
+    return compression_ratio(text) > guards.compression_ratio_threshold and too_dense(text, seconds)
 
 
 def compression_ratio(text: str) -> float:
@@ -106,6 +129,15 @@ def batch_clips(audios: Sequence[np.ndarray]) -> list[np.ndarray]:
                 "split it first (transcribe() does)"
             )
     return clips
+
+
+def repeated_segment(last: Segment, text: str, start: float, end: float) -> bool:
+    """Whether a segment saying ``text`` from ``start`` to ``end`` is a loop's copy of ``last``.
+
+    A loop across segments repeats a whole segment, often with no time of its own; a sentence said twice
+    has the time it takes to say.
+    """
+    return text == last.text and too_dense(text, end - start)
 
 
 def transcribe_long(
@@ -282,12 +314,11 @@ class WhisperASR:
         segments: list[Segment] = []
         for seg in raw:
             text = self.processor.tokenizer.decode(seg["tokens"], skip_special_tokens=True).strip()
-            if compression_ratio(text) > self.guards.compression_ratio_threshold:
+            # An unclosed last segment ends at the window's end (30 s); the clip ends sooner.
+            start, end = min(float(seg["start"]), duration), min(float(seg["end"]), duration)
+            if is_loop(text, end - start, self.guards):
                 text = cut_repetition(text, self.guards.min_repeats)
-            # A loop across segments repeats a whole segment; one copy is what was said.
-            if text and not (segments and segments[-1].text == text):
-                # An unclosed last segment ends at the window's end (30 s); the clip ends sooner.
-                start, end = min(float(seg["start"]), duration), min(float(seg["end"]), duration)
+            if text and not (segments and repeated_segment(segments[-1], text, start, end)):
                 segments.append(Segment(start, end, text))
         text = " ".join(s.text for s in segments)
         return Transcript(text, language, tuple(segments) if timestamps else ())
