@@ -135,7 +135,10 @@ class DuplexConfig(_Section):
     history_max_turns: int = Field(8, ge=0, le=1000)
     history_max_chars: int = Field(6000, ge=100)
     send_queue_packets: int = Field(500, ge=10)
+    # Recordings hold what users said: the server's config turns them on for every session; a client may
+    # turn its own session's recording on or off with session.update only where this allows it.
     record: bool = False
+    client_recording: bool = False
 
     def level(self, eagerness: Eagerness | None = None) -> EagernessLevel:
         """The thresholds of an eagerness (``auto`` and None: this config's eagerness, auto meaning medium)."""

@@ -73,7 +73,11 @@ class SessionSettings(BaseModel):
     voice: str | None = Field(None, max_length=128, description="TTS voice name.")
     instructions: str | None = Field(None, max_length=8000, description="System prompt for the assistant.")
     language: str | None = Field(None, max_length=16, description="ASR language code; unset: detect.")
-    record: bool | None = Field(None, description="Record this session under data/sessions/.")
+    record: bool | None = Field(
+        None,
+        description="Record this session under data/sessions/ (only where the server's config sets "
+        "duplex.client_recording; otherwise the server's duplex.record decides).",
+    )
     turn_detection: TurnDetection | None = Field(None, description="How the end of the user's turn is found.")
 
 

@@ -64,6 +64,19 @@ def test_cosyvoice_registry_stores_and_reloads_voices(tmp_path: Path, speech: by
     assert RefAudioRegistry(tmp_path).voices() == []
 
 
+def test_cosyvoice_registry_keeps_voices_readable_by_the_service_user_only(
+    tmp_path: Path, speech: bytes
+) -> None:
+    root = tmp_path / "ref_audio"
+    root.mkdir(mode=0o755)
+    RefAudioRegistry(root).add("alice", speech, text="Hello.")
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in root.iterdir()} == {
+        "alice.wav": 0o600,
+        "registry.json": 0o600,
+    }
+
+
 @pytest.mark.parametrize(
     "name", ["../evil", "a/b", "..", ".hidden", "x" * 65, "", "a b", "nul\x00", "C:\\x", "default"]
 )

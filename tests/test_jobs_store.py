@@ -193,3 +193,22 @@ async def test_calls_run_off_the_event_loop(tmp_path: Path) -> None:
     stats = await store.call(store.stats, 0.0)
     assert stats["counts"]["queued"] == 1 and stats["since"] == {"queued": 1}
     store.close()
+
+
+def test_job_audio_and_transcripts_are_readable_by_the_service_user_only(tmp_path: Path) -> None:
+    (tmp_path / "jobs").mkdir(mode=0o755)  # a folder from an older version, made world-readable
+    store = JobStore(tmp_path)
+    job = store.create(wav_bytes(), "wav", "talk.wav", None)
+    store.start(job.id)
+    store.finish(job.id, {"text": "private words", "language": "en", "duration_s": 0.1, "segments": []})
+    assert _mode(tmp_path / "jobs") == 0o700
+    assert _mode(store.audio_path(job)) == 0o600
+    for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm"):  # the transcripts, and SQLite's side files
+        if (tmp_path / name).exists():
+            assert _mode(tmp_path / name) == 0o600, name
+    assert not list((tmp_path / "jobs").glob("*.part*"))  # no temporary file left
+    store.close()
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -98,3 +98,54 @@ def test_a_recorded_conversation(tmp_path: Path) -> None:
         assert any(e["kind"] == "timings" and e["status"] == "completed" for e in entries)
 
     run(body)
+
+
+@pytest.mark.parametrize(
+    ("server_record", "client_may", "asked", "recorded", "refused"),
+    [
+        (False, False, True, False, True),  # a client cannot turn recording on
+        (True, False, False, True, True),  # nor off: the server's config decides
+        (True, False, True, True, False),  # asking for what is already so is fine
+        (False, True, True, True, False),  # unless the config lets clients choose
+        (True, True, False, False, False),
+    ],
+)
+def test_recording_is_the_servers_choice_unless_its_config_allows_clients(
+    tmp_path: Path, server_record: bool, client_may: bool, asked: bool, recorded: bool, refused: bool
+) -> None:
+    async def body() -> None:
+        duplex = {"record": server_record, "client_recording": client_may}
+        async with live(duplex=duplex, recordings_dir=tmp_path) as h:
+            await h.text({"type": "session.update", "session": {"record": asked}})
+            await h.mic.play(speaking_turn())
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            errors = [e for _, e in h.wire.events("error")]
+            assert bool(errors) == refused, errors
+            if refused:
+                assert errors[0]["code"] == "invalid_event" and "server's config" in errors[0]["message"]
+            else:
+                assert h.wire.first("session.updated")[1]["session"]["record"] == recorded
+        folder = tmp_path / "test-session"
+        if recorded:
+            assert sf.info(folder / "user.wav").frames > 16_000  # the whole turn, not only its start
+        elif not server_record:
+            assert not folder.exists()  # nothing of this session was written
+
+    run(body)
+
+
+def test_recordings_are_readable_by_the_service_user_only(tmp_path: Path) -> None:
+    rec = SessionRecorder(tmp_path / "sessions", "s3", {"voice": "x"}, lambda: 0.0)
+    rec.user_audio(np.zeros(320, np.float32))
+    rec.assistant_audio(1, np.zeros(480, np.float32))
+    rec.event({"t": 0, "kind": "x"})
+    rec.close()
+    folder = tmp_path / "sessions" / "s3"
+    assert _mode(tmp_path / "sessions") == _mode(folder) == 0o700
+    files = sorted(folder.iterdir())
+    assert {p.name for p in files} >= {"meta.json", "user.wav", "timeline.jsonl", "assistant_1.wav"}
+    assert all(_mode(p) == 0o600 for p in files), {p.name: oct(_mode(p)) for p in files}
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777

@@ -417,6 +417,17 @@ class DuplexSession:
             return
         if new.turn_detection is not None and not self._set_detection(new.turn_detection):
             return
+        if (
+            new.record is not None
+            and new.record != self.settings.record
+            and not self.config.duplex.client_recording
+        ):
+            state = "on" if self.settings.record else "off"
+            self._error(
+                ErrorCode.INVALID_EVENT,
+                f"record: recording is {state} by the server's config; this server does not let clients change it",
+            )
+            return
         if new.audio_format is not None:
             self.input.decoder.declare(new.audio_format)
         for name in ("instructions", "voice", "language"):

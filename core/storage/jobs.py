@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import re
 import sqlite3
 import threading
@@ -31,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
+
+from core.storage.private import private_dir, touch_private, write_private
 
 T = TypeVar("T")
 JobStatus = Literal["queued", "processing", "done", "failed"]
@@ -188,7 +189,10 @@ class JobStore:
         self.audio_dir = self.root / "jobs"
         self.db_path = self.root / "jobs.db"
         self.keep_last, self.keep_days = keep_last, keep_days
-        self.audio_dir.mkdir(parents=True, exist_ok=True)
+        # Job audio and transcripts are users' data: owner-only (SQLite gives its -wal and -shm files the
+        # database file's mode, so creating that file 0600 first covers them).
+        private_dir(self.audio_dir)
+        touch_private(self.db_path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -230,10 +234,7 @@ class JobStore:
             raise UnsupportedFormat(f"unsupported format '.{ext}'; supported: {supported_formats()}")
         job = Job(uuid.uuid4().hex, "queued", ext, (filename or None) and filename[:255], len(data),
                   language, time.time())  # fmt: skip
-        path = self.audio_path(job)
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_private(self.audio_path(job), data)
         try:
             self._update(
                 "INSERT INTO jobs (id, status, ext, filename, size_bytes, language, created_at)"
@@ -241,7 +242,7 @@ class JobStore:
                 (job.id, job.status, job.ext, job.filename, job.size_bytes, job.language, job.created_at),
             )
         except BaseException:
-            path.unlink(missing_ok=True)
+            self.audio_path(job).unlink(missing_ok=True)
             raise
         return job
 

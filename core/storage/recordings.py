@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import wave
 from collections.abc import Callable
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from core.storage.private import open_private_binary, open_private_text, private_dir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,7 @@ def session_dir(root: str | Path, session_id: str) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temp file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_private(path, json.dumps(data, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
 
 
 def _pcm16(audio: np.ndarray) -> bytes:
@@ -72,7 +71,7 @@ class WavAppender:
 
     def __init__(self, path: Path, sample_rate: int) -> None:
         self.path = path
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._file: BinaryIO = open_private_binary(path)  # closed in close()
         self._wav = wave.open(self._file, "wb")  # noqa: SIM115
         self._wav.setnchannels(1)
         self._wav.setsampwidth(2)
@@ -124,10 +123,11 @@ class SessionRecorder:
         self._assistant: WavAppender | None = None
         self._assistant_turn: int | None = None
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.dir.parent)
+            private_dir(self.dir)
             write_json_atomic(self.dir / "meta.json", self._meta)
             self._user = WavAppender(self.dir / "user.wav", USER_SAMPLE_RATE)
-            self._timeline = open(self.dir / "timeline.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._timeline = open_private_text(self.dir / "timeline.jsonl", append=True)
         except OSError as exc:
             raise RecordingError(f"cannot record session {session_id}: {exc}") from exc
         self._last_flush = clock()

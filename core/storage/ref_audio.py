@@ -27,6 +27,7 @@ import soundfile as sf
 
 from core.audio.errors import AudioError
 from core.audio.files import load_audio_bytes
+from core.storage.private import private_dir
 
 log = logging.getLogger("storage.ref_audio")
 
@@ -143,7 +144,7 @@ class RefAudioRegistry:
         self._atomic(self.root / _REGISTRY, json.dumps(body, indent=2, ensure_ascii=False).encode("utf-8"))
 
     def _atomic(self, path: Path, data: bytes) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # users' voices: owner-only (mkstemp makes the file 0600)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
