@@ -26,6 +26,7 @@ T0=$(date +%s)
 
 # --- system packages -------------------------------------------------------------------------------
 need=()
+# espeak-ng: the test and bench voice (tests/speech.py); the Piper TTS uses the one piper-tts brings.
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
 command -v sox >/dev/null 2>&1 || need+=(sox)

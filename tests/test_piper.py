@@ -1,7 +1,8 @@
-"""Piper TTS: real speech from the embedded voice, Piper's phoneme encoding, sentence streaming, cancel."""
+"""Piper TTS on piper-tts: real speech from the embedded voice, our sentences, streaming, cancel, errors."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -10,14 +11,12 @@ import pytest
 import soxr
 
 from core.models.base import OUTPUT_SAMPLE_RATE, TTS
-from core.models.piper import (
+from core.models.piper import PiperTTS, default_voice_paths
+from core.models.piper_text import (
     Clause,
-    EspeakPhonemizer,
-    PiperTTS,
     TTSError,
-    _split_output,
     chunk_sentences,
-    phonemes_to_ids,
+    chunk_texts,
     sanitize,
     split_sentences,
 )
@@ -83,7 +82,7 @@ def test_bad_input_is_a_clear_error(tts) -> None:
         tts.synthesize(b"bytes")  # type: ignore[arg-type]
 
 
-# ---------------------------------------------------------------------------------- phoneme ids
+# ------------------------------------------------------------------------------------- phonemes
 
 
 def test_phoneme_ids_follow_pipers_layout(tts) -> None:
@@ -102,34 +101,78 @@ def test_clause_punctuation_is_kept_like_piper(tts) -> None:
     assert tts.phonemize("Isn't it, my friend? Yes!") == ["ˈɪzənt ɪt, maɪ fɹˈɛnd?", "jˈɛs!"]
 
 
-def test_phonemes_to_ids_decomposes_and_skips_unknown_symbols() -> None:
-    id_map = {"^": (1,), "$": (2,), "_": (0,), "a": (5,), "\u0303": (7,)}
-    # "ã" is one code point in NFC; Piper maps its NFD parts; "☃" is not in the map.
-    assert phonemes_to_ids("\u00e3☃a", id_map) == [1, 0, 5, 0, 7, 0, 5, 0, 2]
+def test_dashes_and_ellipses_are_pauses(tts) -> None:
+    assert tts.phonemize("Well... maybe — or not.") == ["wˈɛl, mˈeɪbiː, ɔːɹ nˈɑːt."]
 
 
-def test_espeak_is_run_safely_and_lines_up_odd_clauses() -> None:
-    espeak = EspeakPhonemizer("en-us")
-    wait, version, ok = espeak.phonemize(["wait...what", "--version", "ok"])
-    assert "wˈeɪt" in wait and "wˈʌt" in wait  # espeak-ng breaks this line in two; both halves stay
-    assert "eSpeak" not in version and "vˈɜːʒən" in version  # text on stdin is never an option
-    assert ok == "ˌoʊkˈeɪ"
-    with pytest.raises(TTSError):
-        EspeakPhonemizer("en-us; rm -rf /")
+def test_an_abbreviation_does_not_end_the_sentence(tts) -> None:
+    # espeak-ng alone ends a sentence after "Dr."; the voice would then speak a full stop there.
+    (phonemes,) = tts.phonemize("Dr. Smith paid $5.20 at 3:30.")
+    assert phonemes.startswith("dˈɑːktɚ smˈɪθ ") and phonemes.count(".") == 1, phonemes
+    assert "fˈaɪv pɔɪnt tˈuː" in phonemes and phonemes.endswith("θɹˈiː θˈɜːɾi.")
+    assert len(list(tts.synthesize("Dr. Smith paid $5.20 at 3:30."))) == 1
 
 
-@pytest.mark.parametrize(
-    ("out", "count", "want"),
-    [
-        ("a\n\nb\n", 2, ["a", "b"]),
-        ("a\nb\n\nc\n", 2, ["a b", "c"]),  # espeak-ng split the first clause
-        ("\n\nc\n", 2, ["", "c"]),  # the first clause had nothing to say
-        ("a\n", 2, None),
-        ("a\n\nb\n\nc\n", 2, None),
-    ],
-)
-def test_espeak_output_is_lined_up_or_refused(out, count, want) -> None:
-    assert _split_output(out, count) == want
+def test_text_is_read_never_obeyed(tts) -> None:
+    (version,) = tts.phonemize("--version")
+    assert version == "vˈɜːʒən."  # a word, not an option
+    # "[[ ... ]]" would be raw phonemes to the library; sanitize turns the brackets into parentheses.
+    (said,) = tts.phonemize("Say [[ʃʃʃʃ]] now.")
+    assert "ʃʃ" not in said and said.startswith("sˈeɪ ") and said.endswith("nˈaʊ.")
+    (wait,) = tts.phonemize("wait...what")
+    assert "wˈeɪt" in wait and "wˌʌt" in wait  # both halves of a line espeak-ng breaks in two
+
+
+def test_a_long_text_is_phonemized_and_spoken_one_sentence_at_a_time(tts, monkeypatch) -> None:
+    calls: list[str] = []
+    runs: list[int] = []
+    phonemize, to_audio = tts.voice.phonemize, tts.voice.phoneme_ids_to_audio
+    monkeypatch.setattr(tts.voice, "phonemize", lambda text: calls.append(text) or phonemize(text))
+    monkeypatch.setattr(
+        tts.voice, "phoneme_ids_to_audio", lambda ids, cfg: runs.append(len(ids)) or to_audio(ids, cfg)
+    )
+    stream = tts.synthesize("Hi. " + "This sentence is here only to be long enough. " * 5)
+    first = next(stream)
+    assert calls == ["Hi."] and len(runs) == 1  # the first audio waits for nothing else
+    assert rms(first) > 0.02
+    assert len(list(stream)) == 5 and len(calls) == 6 and len(runs) == 6
+
+
+def test_the_voice_runs_on_the_threads_asked_and_at_its_own_level(tts) -> None:
+    assert tts.voice.session.get_session_options().intra_op_num_threads == 1
+    (audio,) = tts.synthesize(SENTENCE)
+    # The library's default would scale every sentence to a peak of 1.0; the voice's own level is lower.
+    assert 0.1 < np.abs(audio).max() < 0.95
+
+
+def test_length_scale_slows_the_voice(tts) -> None:
+    slow = PiperTTS(length_scale=1.6)
+    normal = sum(len(c) for c in tts.synthesize(SENTENCE))
+    slower = sum(len(c) for c in slow.synthesize(SENTENCE))
+    assert slower > 1.3 * normal, (slower, normal)
+
+
+def test_a_missing_or_unsupported_voice_is_a_clear_error(tmp_path) -> None:
+    model, config = default_voice_paths()
+    with pytest.raises(TTSError) as err:
+        PiperTTS(tmp_path / "absent.onnx")
+    assert err.value.kind == "tts_model" and "not found" in str(err.value)
+    raw = json.loads(config.read_text(encoding="utf-8"))
+    for change, words in (
+        ({"num_speakers": 3}, "multi-speaker"),
+        ({"phoneme_type": "pinyin"}, "'pinyin' is not supported"),
+        ({"audio": {}}, "cannot read Piper voice config"),
+    ):
+        bad = tmp_path / "bad.onnx.json"
+        bad.write_text(json.dumps({**raw, **change}), encoding="utf-8")
+        with pytest.raises(TTSError) as err:
+            PiperTTS(model, bad)
+        assert err.value.kind == "tts_model" and words in str(err.value), err.value
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not an onnx model")
+    with pytest.raises(TTSError) as err:
+        PiperTTS(junk, config)
+    assert err.value.kind == "tts_model" and "cannot load Piper voice" in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------- text
@@ -167,6 +210,12 @@ def test_run_on_sentences_are_cut_at_clauses() -> None:
     assert all(sum(len(c.text) for c in chunk) <= 400 for chunk in chunks)
 
 
+def test_each_chunk_is_plain_text_with_its_clause_marks() -> None:
+    text = sanitize("Well... maybe — or not. Dr. Smith\nleft")
+    assert chunk_texts(text) == ["Well, maybe, or not.", "Dr. Smith.", "left."]
+    assert chunk_texts(sanitize(" ... !!! ")) == []
+
+
 # ------------------------------------------------------------------------------- ear proxy: ASR
 
 
@@ -183,3 +232,17 @@ def test_whisper_understands_piper(tts) -> None:
     audio16 = soxr.resample(audio, OUTPUT_SAMPLE_RATE, 16_000).astype(np.float32)
     text = asr.transcribe(audio16, language="en").text
     assert word_error_rate(SENTENCE, text) <= 0.25, text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not WHISPER_DIR.is_dir(), reason=f"{WHISPER_DIR} is absent")
+def test_whisper_reads_back_a_reply_of_several_sentences(tts) -> None:
+    from core.models.whisper import WhisperASR
+
+    asr = WhisperASR(WHISPER_DIR)
+    text = "Dr. Smith will see you tomorrow morning. Please bring your card, your keys, and a pen."
+    chunks = list(tts.synthesize(text))
+    assert len(chunks) == 2
+    audio16 = soxr.resample(np.concatenate(chunks), OUTPUT_SAMPLE_RATE, 16_000).astype(np.float32)
+    heard = asr.transcribe(audio16, language="en").text
+    assert word_error_rate(text, heard) <= 0.1, heard
