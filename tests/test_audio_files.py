@@ -139,6 +139,19 @@ def test_corrupt_files(media: dict[str, Path], tmp_path: Path) -> None:
     assert "/tmp" not in str(err) and "upload" in str(err)
 
 
+def test_decoder_output_stays_out_of_client_messages(
+    media: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ffmpeg's words ("[mov,mp4 @ 0x55d1...] moov atom not found") go to the log and ``detail``, not the message."""
+    broken = media["mp4"].read_bytes()[:300]
+    with caplog.at_level("INFO", logger="audio.files"):
+        err = expect_error("undecodable", load_audio_bytes, broken, suffix=".mp4")
+    assert str(err) == err.message == "upload: unsupported or corrupt audio file"
+    assert err.detail and ("moov" in err.detail or "Invalid data" in err.detail), err.detail
+    assert err.detail in caplog.text
+    assert "0x" not in err.message and "@" not in err.message
+
+
 def test_unsupported_files(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("this is not audio at all\n" * 100)

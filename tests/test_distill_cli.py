@@ -100,7 +100,7 @@ def test_cli_transcribes_every_kind_of_file_and_resumes(
     assert "duplicate id 'wav'" in captured.err
     assert "7 files this run (ok 4, no_speech 1, error 2)" in captured.out
     assert got["missing"]["error"] == "missing: missing.wav: no such file"
-    assert got["corrupt"]["error"].startswith("undecodable: corrupt.mp3: unsupported or corrupt file")
+    assert got["corrupt"]["error"].startswith("undecodable: corrupt.mp3: unsupported or corrupt audio file (")
     for kind in SENTENCES:  # the VAD found the sentence between the silences
         r = got[kind]
         assert 3.0 < r["duration_s"] < 6.0

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 
 class AudioError(Exception):
-    """Base of all audio errors; ``kind`` is a short machine-readable reason (stable, for logs and metrics)."""
+    """Base of all audio errors; ``kind`` is a short machine-readable reason (stable, for logs and metrics).
+
+    The message is ours and safe to show a client; ``detail`` is what a decoder said (ffmpeg's last line,
+    which can hold memory addresses and library internals), for the log and the operator's own outputs only.
+    """
 
     kind: str = "audio_error"
 
-    def __init__(self, message: str, *, kind: str | None = None) -> None:
+    def __init__(self, message: str, *, kind: str | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         if kind is not None:
             self.kind = kind
+        self.detail = detail
 
     @property
     def message(self) -> str:

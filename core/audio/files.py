@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -24,6 +25,8 @@ import soundfile as sf
 import soxr
 
 from core.audio.errors import AudioFileError
+
+log = logging.getLogger("audio.files")
 
 #: Longest audio accepted by default (seconds); callers serving uploads should pass a smaller one.
 DEFAULT_MAX_DURATION_S: Final = 4 * 3600.0
@@ -150,6 +153,12 @@ def _run(cmd: list[str], timeout_s: float, name: str) -> subprocess.CompletedPro
         raise AudioFileError(f"{name}: decoding took longer than {timeout_s:.0f} s", kind="timeout") from None
 
 
+def _undecodable(name: str, detail: str) -> AudioFileError:
+    """A clean client-facing error; what ffmpeg said goes to the log and ``detail`` only."""
+    log.info("cannot decode %s: %s", name, detail)
+    return AudioFileError(f"{name}: unsupported or corrupt audio file", kind="undecodable", detail=detail)
+
+
 def _last_line(stderr: bytes, p: Path, name: str) -> str:
     """ffmpeg's last error line, with our file URL replaced by the public name (no server paths)."""
     text = stderr.decode("utf-8", "replace").replace(_file_url(p), name)
@@ -170,9 +179,7 @@ def _probe(p: Path, timeout_s: float, name: str) -> tuple[int, float | None]:
     ]  # fmt: skip
     result = _run(cmd, min(timeout_s, _PROBE_TIMEOUT_S), name)
     if result.returncode != 0:
-        raise AudioFileError(
-            f"{name}: unsupported or corrupt file ({_last_line(result.stderr, p, name)})", kind="undecodable"
-        )
+        raise _undecodable(name, _last_line(result.stderr, p, name))
     try:
         info: dict[str, Any] = json.loads(result.stdout or b"{}")
     except ValueError:
@@ -211,9 +218,7 @@ def _read_ffmpeg(
     cmd += ["-f", "f32le", "pipe:1"]
     result = _run(cmd, timeout_s, name)
     if result.returncode != 0:
-        raise AudioFileError(
-            f"{name}: unsupported or corrupt file ({_last_line(result.stderr, p, name)})", kind="undecodable"
-        )
+        raise _undecodable(name, _last_line(result.stderr, p, name))
     audio = np.frombuffer(result.stdout[: len(result.stdout) // 4 * 4], dtype="<f4").astype(np.float32)
     if max_duration_s is not None and audio.size > max_duration_s * rate:
         raise _too_long(name, audio.size / rate, max_duration_s)

@@ -198,7 +198,9 @@ def default_segmenter(options: DistillOptions) -> Segmenter:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, AudioError):
-        return f"{exc.kind}: {exc.message}"
+        # The operator's own output: what the decoder said helps them fix the file.
+        detail = f" ({exc.detail})" if exc.detail else ""
+        return f"{exc.kind}: {exc.message}{detail}"
     return f"decode failure: {type(exc).__name__}: {exc}"
 
 
