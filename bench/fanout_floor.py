@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.server.ws_direct import frame_text  # the gateway's own frame builder: the same bytes per update
+from core.gateway.ws_direct import frame_text  # the gateway's own frame builder: the same bytes per update
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 _UPDATE = b'{"type":"session.queue_update","position":%d,"eta_s":%.2f,"queue_length":%d}'

@@ -15,8 +15,8 @@ import hashlib
 import json
 import struct
 
+from core.gateway.ws_direct import frame_text
 from core.protocol import ErrorCode, SessionCreated, SessionInfo, dump_event, error_event
-from core.server.ws_direct import frame_text
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

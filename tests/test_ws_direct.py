@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosedOK
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from core.server.ws_direct import MAX_BACKLOG_BYTES, direct_text_writer, frame_text
+from core.gateway.ws_direct import MAX_BACKLOG_BYTES, direct_text_writer, frame_text
 
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 

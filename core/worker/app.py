@@ -1,6 +1,6 @@
 """The worker's HTTP/WebSocket app: one model stack, one live session at a time.
 
-``GET /health`` (503 while loading), ``WS /ws/duplex`` (DESIGN §3), ``POST /v1/chat`` (audio or text in, reply
+``GET /health`` (503 while loading), ``WS /ws/duplex`` (docs/PROTOCOL.md), ``POST /v1/chat`` (audio or text in, reply
 text and speech out), ``POST /v1/transcribe`` (audio in, text and segments out). Models load on a background
 thread after the server starts listening, so /health can say "loading"; every blocking model call runs on the
 stack's single executor thread.
@@ -35,14 +35,14 @@ from core.audio.opus import OpusDecoder, OpusEncoder
 from core.config import Config
 from core.models.base import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
 from core.protocol import ErrorCode, error_event
-from core.server.realtime_worker import realtime_router
-from core.server.ref_audio_routes import build_ref_audio_router, connect_voices
-from core.server.speech_routes import speech_router
 from core.session.counters import SessionCounters
 from core.session.duplex import DuplexSession
 from core.session.executor import device_executor
 from core.session.text import SentenceChunker
 from core.storage.ref_audio import RefAudioRegistry
+from core.worker.realtime import realtime_router
+from core.worker.ref_audio_routes import build_ref_audio_router, connect_voices
+from core.worker.speech_routes import speech_router
 
 log = logging.getLogger("worker")
 

@@ -1,5 +1,5 @@
 """``WS /v1/realtime`` on the gateway: queue the client (``audio_duplex``), then bridge its frames unchanged
-to a worker's ``/v1/realtime`` (core/server/realtime_worker.py), where the OpenAI Realtime events are
+to a worker's ``/v1/realtime`` (core/worker/realtime.py), where the OpenAI Realtime events are
 translated onto a duplex session.
 
 The translation needs numpy and libopus, which the gateway must never import (tests/test_layering.py
@@ -28,14 +28,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from core.api.realtime_events import realtime_error
+from core.gateway.duplex_bridge import Connected, NoWorker, connect_when_assigned, open_worker_socket
+from core.gateway.worker_calls import upstream_query
 from core.protocol import ErrorCode
 from core.scheduling.pool import Lease, QueueFull, QueueStatus, QueueTimeout, Ticket, TicketCancelled
-from core.server.duplex_bridge import Connected, NoWorker, connect_when_assigned, open_worker_socket
-from core.server.gateway_http import upstream_query
-from core.server.realtime_events import realtime_error
 
 if TYPE_CHECKING:
-    from core.server.gateway_state import GatewayState
+    from core.gateway.state import GatewayState
 
 log = logging.getLogger("gateway.realtime")
 

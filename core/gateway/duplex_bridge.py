@@ -37,9 +37,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from core.protocol import ErrorCode, SessionClosed, SessionQueueDone, dump_event, error_event
-from core.scheduling.pool import Lease, Pool, QueueFull, QueueSink, QueueTimeout, Ticket, TicketCancelled
-from core.server.gateway_http import (
+from core.gateway.worker_calls import (
     BUSY_RETRY_DELAYS_S,
     CONNECT_TIMEOUT_S,
     MAX_ATTEMPTS,
@@ -47,10 +45,12 @@ from core.server.gateway_http import (
     WorkerUnreachable,
     upstream_query,
 )
-from core.server.ws_direct import direct_text_writer
+from core.gateway.ws_direct import direct_text_writer
+from core.protocol import ErrorCode, SessionClosed, SessionQueueDone, dump_event, error_event
+from core.scheduling.pool import Lease, Pool, QueueFull, QueueSink, QueueTimeout, Ticket, TicketCancelled
 
 if TYPE_CHECKING:
-    from core.server.gateway_state import GatewayState
+    from core.gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
 

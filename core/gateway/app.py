@@ -1,9 +1,10 @@
-"""The gateway: one process, no torch (DESIGN §1, §4). Queue with ETA, routing, health, TLS, demo, metrics.
+"""The gateway app: one process, no torch (docs/ARCHITECTURE.md). Queue with ETA, routing, health, TLS, demo,
+metrics.
 
 Routes: ``GET /health`` (open), ``GET /metrics`` (Prometheus text), ``GET /api/queue``,
 ``GET|PUT /api/config/eta``, ``POST /v1/chat`` and ``POST /v1/transcribe`` (queued as ``chat`` and
-``transcribe``, proxied to the worker: core/server/http_proxy.py), ``WS /ws/duplex`` (queued as
-``audio_duplex``, then bridged to the worker frame for frame: core/server/duplex_bridge.py), and the
+``transcribe``, proxied to the worker: core/gateway/http_proxy.py), ``WS /ws/duplex`` (queued as
+``audio_duplex``, then bridged to the worker frame for frame: core/gateway/duplex_bridge.py), and the
 static demo at ``/``. A full queue answers the HTTP endpoints with 503 and ``Retry-After``.
 
 Worker restarts (in /health, /api/queue, /metrics) come from the worker's /health field ``restarts`` when
@@ -34,18 +35,18 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core.api.jobs import JobService
+from core.api.openai_compat import openai_routes
+from core.api.realtime_bridge import realtime_route
 from core.config import Config
+from core.gateway.auth import ApiKeyMiddleware, resolve_api_key
+from core.gateway.duplex_bridge import ClientSocket, serve_duplex
+from core.gateway.http_proxy import error_response, proxy_request
+from core.gateway.metrics import GatewayMetrics
+from core.gateway.state import GatewayState
 from core.protocol import ErrorCode
 from core.scheduling.eta import DurationModel, EtaSettings, EtaSettingsError
 from core.scheduling.pool import Pool, Worker
-from core.server.auth import ApiKeyMiddleware, resolve_api_key
-from core.server.duplex_bridge import ClientSocket, serve_duplex
-from core.server.gateway_state import GatewayState
-from core.server.http_proxy import error_response, proxy_request
-from core.server.jobs_api import JobService
-from core.server.metrics import GatewayMetrics
-from core.server.openai_api import openai_routes
-from core.server.realtime_bridge import realtime_route
 
 log = logging.getLogger("gateway")
 
@@ -385,7 +386,7 @@ def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Pa
     _raise_fd_limit()
     ssl: dict[str, str] = {}
     if not service.http:
-        from core.server.tls import TLSError, ensure_certificate
+        from core.gateway.tls import TLSError, ensure_certificate
 
         try:
             cert, key = ensure_certificate(Path(service.data_dir) / "tls", [service.gateway_host])
