@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.config import Config, ServiceConfig
 from core.gateway.app import create_app, parse_workers
-from core.gateway.duplex_bridge import _queue_event_bytes
+from core.gateway.queue_updates import queue_event_bytes
 from core.gateway.tls import certificate_hosts
 from core.protocol import parse_server_event
 from tests.duplex_client import free_port, stop
@@ -672,8 +672,8 @@ async def test_api_key_from_the_environment_wins(tmp_path: Path, monkeypatch: py
 
 
 def test_queue_events_are_valid_protocol_events() -> None:
-    first = parse_server_event(_queue_event_bytes(3, 12.3456, 7, True).decode())
-    later = parse_server_event(_queue_event_bytes(2, 0.0, 6, False).decode())
+    first = parse_server_event(queue_event_bytes(3, 12.3456, 7, True).decode())
+    later = parse_server_event(queue_event_bytes(2, 0.0, 6, False).decode())
     assert (first.type, first.position, first.eta_s, first.queue_length) == ("session.queued", 3, 12.35, 7)
     assert (later.type, later.position) == ("session.queue_update", 2)
 

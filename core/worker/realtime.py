@@ -1,7 +1,7 @@
 """``WS /v1/realtime`` on the worker: an OpenAI Realtime connection driving one duplex session in-process.
 
 Mount on the worker app (``app.include_router(realtime_router())``). The gateway queues clients and
-bridges their frames here unchanged (core/api/realtime_bridge.py), exactly as it does for
+bridges their frames here unchanged (core/api/realtime.py), exactly as it does for
 ``/ws/duplex``. This half owns the audio work, because the gateway must not load numpy or libopus:
 input ``input_audio_buffer.append`` pcm16 at 24 kHz is resampled (soxr, streaming) to the session's
 16 kHz pcm16, and the session's 24 kHz Opus reply packets are decoded to pcm16 for
