@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,12 +245,21 @@ def _transcribe_blocking(stack: ModelStack, audio: np.ndarray, language: str | N
 def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int = 0) -> FastAPI:
     """The worker app; models are built by ``build_stack`` on a background thread at start-up."""
     state = WorkerState(config=config, index=index)
-    app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None)
-    app.state.worker = state
     voices = RefAudioRegistry(
         Path(config.service.data_dir) / "ref_audio",
         max_upload_bytes=int(config.audio.max_upload_mb * 1024 * 1024),
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Models load on a thread while the server starts listening, so that /health can say "loading".
+        threading.Thread(
+            target=_load, args=(state, build_stack, voices), name="model-load", daemon=True
+        ).start()
+        yield
+
+    app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.worker = state
     app.include_router(
         build_ref_audio_router(
             voices, lambda: state.stack.tts if state.stack else None, executor=state.executor
@@ -259,12 +268,6 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
 
     app.include_router(speech_router())
     app.include_router(realtime_router())
-
-    @app.on_event("startup")
-    async def _start() -> None:
-        threading.Thread(
-            target=_load, args=(state, build_stack, voices), name="model-load", daemon=True
-        ).start()
 
     @app.get("/health")
     async def health() -> JSONResponse:
