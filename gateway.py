@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"gateway.py: {exc}", file=sys.stderr)
         return 2
-    from core.server.gateway_app import run
+    from core.gateway.app import run
 
     return run(config, args.workers)
 

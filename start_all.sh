@@ -100,7 +100,7 @@ for i in $(seq 0 $((N - 1))); do
   [ ${#GPUS[@]} -gt 0 ] && args+=(--gpu-id "${GPUS[$i]}")
   [ "$COMPILE" = 1 ] && args+=(--compile)
   [ -n "$CONFIG" ] && args+=(--config "$CONFIG")
-  nohup "$PY" -m core.server.supervisor --name "worker_$i" --status "$T/worker_$i.status" -- \
+  nohup "$PY" -m core.launch.supervisor --name "worker_$i" --status "$T/worker_$i.status" -- \
     "$PY" "${args[@]}" > "$T/worker_$i.out" 2>&1 &
   echo $! > "$T/worker_$i.pid"
   echo "worker $i starting on 127.0.0.1:$port (log $T/worker_$i.log)"

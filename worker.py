@@ -11,6 +11,6 @@ if __name__ == "__main__":
         from core.distill.cli import main as distill_main
 
         raise SystemExit(distill_main(sys.argv[1:]))
-    from core.server.worker_cli import main
+    from core.worker.cli import main
 
     raise SystemExit(main(sys.argv[1:]))

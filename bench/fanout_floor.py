@@ -20,18 +20,24 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import struct
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.server.ws_direct import frame_text  # the gateway's own frame builder: the same bytes per update
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
 _UPDATE = b'{"type":"session.queue_update","position":%d,"eta_s":%.2f,"queue_length":%d}'
 _QUEUED = b'{"type":"session.queued","position":%d,"eta_s":%.2f,"queue_length":%d}'
 _DONE = b'{"type":"session.queue_done","waited_s":0.0}'
 _MAX_REQUEST = 16 * 1024
+
+
+def frame_text(payload: bytes) -> bytes:
+    """One unmasked, final text frame (RFC 6455 §5.2): the fewest bytes and steps a server needs per update."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 class FloorQueue:

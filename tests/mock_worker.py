@@ -10,7 +10,10 @@
   ``input_audio_buffer.commit`` (a ``response.created`` + ``response.done`` with stage timings) like the
   worker does, and reports bad JSON with a non-fatal ``error``. With ``?duration_ms=D`` (or
   ``--duration-ms``) it ends by itself after D ms: ``response.done``, ``session.closed``
-  (``scripted_end``), close 1000. 0 means "until the client closes".
+  (``scripted_end``), close 1000 (or ``?close_code=C``). 0 means "until the client closes".
+- ``WS /v1/realtime``: the same session rules in the OpenAI Realtime shapes, as far as the gateway sees
+  them: refusals are Realtime ``error`` events, the session starts with ``session.created``, answers
+  ``session.update`` with ``session.updated``, echoes binary frames, and ends by itself as above.
 - ``POST /v1/chat`` and ``POST /v1/transcribe``: hold the worker for ``?duration_ms`` (or ``--http-ms``)
   and answer JSON; 409 ``busy`` while another request or session runs, 503 while loading.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
@@ -96,12 +100,39 @@ def _duration_s(query: dict[str, str], default_ms: float) -> float:
         return default_ms / 1000.0
 
 
-async def _scripted_end(ws: WebSocket, seconds: float) -> None:
+def _close_code(query: dict[str, str]) -> int:
+    try:
+        return int(query.get("close_code", 1000))
+    except ValueError:
+        return 1000
+
+
+async def _scripted_end(ws: WebSocket, seconds: float, code: int) -> None:
     await asyncio.sleep(seconds)
     with contextlib.suppress(Exception):
         await ws.send_text(dump_event(ResponseDone(response_id="r-end", status="completed", timings=TIMINGS)))
         await ws.send_text(dump_event(SessionClosed(reason="scripted_end")))
-        await ws.close(1000)
+        await ws.close(code)
+
+
+def _realtime_error(code: ErrorCode, message: str) -> str:
+    return json.dumps(
+        {
+            "type": "error",
+            "event_id": "event_0",
+            "error": {"type": "server_error", "code": code.value, "message": message},
+        }
+    )
+
+
+async def _answer_realtime(ws: WebSocket, sid: str, text: str) -> None:
+    try:
+        kind = json.loads(text).get("type")
+    except (ValueError, AttributeError):
+        await ws.send_text(_realtime_error(ErrorCode.BAD_JSON, "not JSON"))
+        return
+    if kind == "session.update":
+        await ws.send_text(json.dumps({"type": "session.updated", "session": {"id": sid}}))
 
 
 async def _answer(ws: WebSocket, state: MockState, sid: str, text: str) -> bool:
@@ -131,25 +162,39 @@ async def _answer(ws: WebSocket, state: MockState, sid: str, text: str) -> bool:
 
 
 async def duplex(ws: WebSocket) -> None:
+    await _session(ws, realtime=False)
+
+
+async def realtime(ws: WebSocket) -> None:
+    await _session(ws, realtime=True)
+
+
+async def _session(ws: WebSocket, realtime: bool) -> None:
     state: MockState = ws.app.state.mock
     await ws.accept()
+    refusal = None
     if state.status == "loading":
+        refusal = (ErrorCode.NOT_READY, "worker is loading")
+    elif state.lock.locked():
+        refusal = (ErrorCode.BUSY, "worker is busy with another session")
+    if refusal is not None:
         state.refused += 1
-        await ws.send_text(error_event(ErrorCode.NOT_READY, "worker is loading", fatal=True))
-        await ws.close(1013)
-        return
-    if state.lock.locked():
-        state.refused += 1
-        await ws.send_text(error_event(ErrorCode.BUSY, "worker is busy with another session", fatal=True))
+        await ws.send_text(_realtime_error(*refusal) if realtime else error_event(*refusal, fatal=True))
         await ws.close(1013)
         return
     async with state.lock:
         state.status, state.paused = "busy", False
         state.sessions += 1
         sid = f"mock{state.index}-{os.getpid()}-{state.sessions}"
-        await ws.send_text(dump_event(SessionCreated(session=SessionInfo(id=sid, models={"asr": "mock"}))))
-        seconds = _duration_s(dict(ws.query_params), state.duration_ms)
-        ender = asyncio.create_task(_scripted_end(ws, seconds)) if seconds > 0 else None
+        if realtime:
+            await ws.send_text(json.dumps({"type": "session.created", "session": {"id": sid}}))
+        else:
+            await ws.send_text(
+                dump_event(SessionCreated(session=SessionInfo(id=sid, models={"asr": "mock"})))
+            )
+        query = dict(ws.query_params)
+        seconds = _duration_s(query, state.duration_ms)
+        ender = asyncio.create_task(_scripted_end(ws, seconds, _close_code(query))) if seconds > 0 else None
         try:
             while True:
                 message = await ws.receive()
@@ -157,6 +202,8 @@ async def duplex(ws: WebSocket) -> None:
                     break
                 if message.get("bytes") is not None:
                     await ws.send_bytes(message["bytes"])
+                elif realtime:
+                    await _answer_realtime(ws, sid, message.get("text") or "")
                 elif not await _answer(ws, state, sid, message.get("text") or ""):
                     break
         except (WebSocketDisconnect, RuntimeError):
@@ -217,6 +264,7 @@ def create_app(
             Route("/v1/chat", one_shot, methods=["POST"]),
             Route("/v1/transcribe", one_shot, methods=["POST"]),
             WebSocketRoute("/ws/duplex", duplex),
+            WebSocketRoute("/v1/realtime", realtime),
         ],
         lifespan=lifespan,
     )

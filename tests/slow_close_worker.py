@@ -15,8 +15,15 @@ import hashlib
 import json
 import struct
 
+from websockets.frames import Frame, Opcode
+
 from core.protocol import ErrorCode, SessionCreated, SessionInfo, dump_event, error_event
-from core.server.ws_direct import frame_text
+
+
+def frame_text(payload: bytes) -> bytes:
+    """One unmasked text frame, as a server sends it."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

@@ -56,7 +56,7 @@ API_KEY = "sesame"
 # Written by other engineers in parallel; the real-worker tests skip (with this list) while any is missing.
 REAL_WORKER_FILES = (
     "worker.py",
-    "core/server/worker_app.py",
+    "core/worker/app.py",
     "core/session/duplex.py",
     "core/models/registry.py",
 )

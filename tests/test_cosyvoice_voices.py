@@ -12,8 +12,8 @@ import soundfile as sf
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from core.server.ref_audio_routes import build_ref_audio_router, connect_voices
 from core.storage.ref_audio import RefAudioError, RefAudioRegistry
+from core.worker.ref_audio_routes import build_ref_audio_router, connect_voices
 from tests.speech import espeak, with_silence
 
 

@@ -1,4 +1,4 @@
-"""ETA maths: baselines then EMA, and simulated dispatch over a min-heap of workers (DESIGN §4)."""
+"""ETA maths: baselines then EMA, and simulated dispatch over a min-heap of workers."""
 
 from __future__ import annotations
 

@@ -28,10 +28,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.config import Config, ServiceConfig
+from core.gateway.app import create_app, parse_workers
+from core.gateway.queue_updates import queue_event_bytes
+from core.gateway.tls import certificate_hosts
 from core.protocol import parse_server_event
-from core.server.duplex_bridge import _queue_event_bytes
-from core.server.gateway_app import create_app, parse_workers
-from core.server.tls import certificate_hosts
 from tests.duplex_client import free_port, stop
 from tests.slow_close_worker import SlowCloseWorker
 
@@ -383,7 +383,7 @@ async def test_workers_preemptive_reply_counts_reach_the_metrics(cluster: Cluste
 
 
 def test_worker_counters_from_health_are_checked() -> None:
-    from core.server.metrics import GatewayMetrics
+    from core.gateway.metrics import GatewayMetrics
 
     m = GatewayMetrics()
     m.observe_worker_counters(0, {"preemptive_used": 3, "preemptive_started": True, "x": -1, "y": "2"})
@@ -592,7 +592,7 @@ def test_gateway_starts_in_under_two_seconds(tmp_path: Path) -> None:
 
 
 def test_gateway_never_imports_torch() -> None:
-    code = "import core.server.gateway_app, sys; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    code = "import core.gateway.app, sys; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
     out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 
@@ -672,8 +672,8 @@ async def test_api_key_from_the_environment_wins(tmp_path: Path, monkeypatch: py
 
 
 def test_queue_events_are_valid_protocol_events() -> None:
-    first = parse_server_event(_queue_event_bytes(3, 12.3456, 7, True).decode())
-    later = parse_server_event(_queue_event_bytes(2, 0.0, 6, False).decode())
+    first = parse_server_event(queue_event_bytes(3, 12.3456, 7, True).decode())
+    later = parse_server_event(queue_event_bytes(2, 0.0, 6, False).decode())
     assert (first.type, first.position, first.eta_s, first.queue_length) == ("session.queued", 3, 12.35, 7)
     assert (later.type, later.position) == ("session.queue_update", 2)
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 import soundfile as sf
 
-from core.server.openai_api import to_srt, to_verbose, to_vtt
+from core.api.openai_compat import to_srt, to_verbose, to_vtt
 from tests.services import cluster
 from tests.test_jobs_api import tone_wav
 

@@ -1,5 +1,5 @@
 """The gateway queue with a fake clock: FIFO dispatch, one session per worker, release exactly once,
-cancel/timeout/full, health transitions, and queue updates on change and when due (DESIGN §4)."""
+cancel/timeout/full, health transitions, and queue updates on change and when due."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
+from core.api.realtime_events import RealtimeTranslator
 from core.protocol import (
     ErrorCode,
     ErrorEvent,
@@ -21,7 +22,6 @@ from core.protocol import (
     dump_event,
     parse_client_event,
 )
-from core.server.realtime_events import RealtimeTranslator
 
 INFO = SessionInfo(
     id="s1", voice="tone", voices=["tone", "low"], instructions="Be brief.", models={"asr": "whisper-base"}

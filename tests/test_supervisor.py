@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from core.server.supervisor import next_backoff, parse_args
+from core.launch.supervisor import next_backoff, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def supervise(tmp: Path, *flags: str, child: str) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
         "-m",
-        "core.server.supervisor",
+        "core.launch.supervisor",
         "--name",
         "worker_3",
         "--status",

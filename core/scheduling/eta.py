@@ -1,4 +1,4 @@
-"""ETA maths for the gateway queue (DESIGN §4). Pure: no clock, no I/O, no asyncio.
+"""ETA maths for the gateway queue. Pure: no clock, no I/O, no asyncio.
 
 Two pieces:
 

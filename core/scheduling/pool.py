@@ -1,4 +1,4 @@
-"""Workers, tickets and dispatch for the gateway queue (DESIGN §4).
+"""Workers, tickets and dispatch for the gateway queue (docs/ARCHITECTURE.md, "The gateway").
 
 One FIFO of tickets, one session per worker. ``submit`` takes a ticket (or raises ``QueueFull``); the
 waiter hears its queue status on every change and when one is due — pushed to a ``sink`` callback set

@@ -1,4 +1,4 @@
-"""The live duplex session: one WebSocket conversation on a worker (DESIGN §5).
+"""The live duplex session: one WebSocket conversation on a worker (docs/PROTOCOL.md).
 
 The server feeds frames with :meth:`DuplexSession.on_text` / :meth:`DuplexSession.on_binary` and runs
 :meth:`DuplexSession.run`, which drives three tasks:

@@ -12,6 +12,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from core.gateway.queue_updates import UPDATE_PATHS
 from core.scheduling.eta import REQUEST_TYPES
 from core.scheduling.pool import Lease, Outcome, Pool, PoolListener, Ticket
 
@@ -97,6 +98,8 @@ class GatewayMetrics(PoolListener):
         self.stages: dict[str, Summary] = {}
         #: Per worker index: the session counters of its last /health (core.session.counters).
         self.worker_counters: dict[int, dict[str, int]] = {}
+        #: Waiting WebSocket clients by the path their queue updates take (core.gateway.queue_updates).
+        self.queue_update_paths: Counter[str] = Counter()
 
     def on_dispatch(self, ticket: Ticket) -> None:
         """Count the session and its wait."""
@@ -129,6 +132,10 @@ class GatewayMetrics(PoolListener):
                 and len(self.stages) < 64
             ):
                 self.stages.setdefault(key[:-3], Summary()).observe(float(value) / 1000.0)
+
+    def observe_queue_update_path(self, path: str) -> None:
+        """Count one WebSocket client whose queue updates take ``path`` (``transport`` or ``asgi``)."""
+        self.queue_update_paths[path] += 1
 
     def observe_worker_counters(self, worker: int, counters: object) -> None:
         """Keep a worker's session counters from its ``/health`` (totals since it started)."""
@@ -177,6 +184,14 @@ class GatewayMetrics(PoolListener):
         w.family("gateway_rejected_total", "counter", "Tickets that never got a worker, by reason.")
         for reason in sorted({"queue_full", "queue_timeout", "cancelled"} | set(self.rejects)):
             w.sample("gateway_rejected_total", self.rejects[reason], {"reason": reason})
+        w.family(
+            "gateway_queue_update_clients_total",
+            "counter",
+            "WebSocket sessions, by the path their queue updates take: transport (handed to the "
+            "connection's websockets protocol, written to its transport) or asgi (the app's own send).",
+        )
+        for path in sorted(set(UPDATE_PATHS) | set(self.queue_update_paths)):
+            w.sample("gateway_queue_update_clients_total", self.queue_update_paths[path], {"path": path})
         w.family("gateway_queue_wait_seconds", "summary", "Seconds from submit to a worker, by type.")
         w.summary("gateway_queue_wait_seconds", (({"type": k}, s) for k, s in sorted(self.waits.items())))
         w.family("gateway_session_duration_seconds", "summary", "Seconds a request held its worker, by type.")

@@ -1,12 +1,12 @@
 """``WS /v1/realtime`` on the worker: an OpenAI Realtime connection driving one duplex session in-process.
 
 Mount on the worker app (``app.include_router(realtime_router())``). The gateway queues clients and
-bridges their frames here unchanged (core/server/realtime_bridge.py), exactly as it does for
+bridges their frames here unchanged (core/api/realtime.py), exactly as it does for
 ``/ws/duplex``. This half owns the audio work, because the gateway must not load numpy or libopus:
 input ``input_audio_buffer.append`` pcm16 at 24 kHz is resampled (soxr, streaming) to the session's
 16 kHz pcm16, and the session's 24 kHz Opus reply packets are decoded to pcm16 for
 ``response.output_audio.delta`` (the session's output is the wire format of
-``/ws/duplex``: length-prefixed packets). Event mapping: core/server/realtime_events.py; the subset:
+``/ws/duplex``: length-prefixed packets). Event mapping: core/api/realtime_events.py; the subset:
 docs/REALTIME.md. Like ``/ws/duplex``, one session per worker (``busy`` otherwise, ``not_ready`` while
 loading), sharing the worker's lock, executor and status.
 """
@@ -24,12 +24,12 @@ import numpy as np
 import soxr
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from core.api.realtime_events import REALTIME_RATE, RealtimeTranslator, realtime_error
 from core.audio.errors import AudioError
 from core.audio.framing import PacketFramer
 from core.audio.opus import OpusDecoder
 from core.models.base import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE
 from core.protocol import ErrorCode
-from core.server.realtime_events import REALTIME_RATE, RealtimeTranslator, realtime_error
 from core.session.duplex import DuplexSession
 
 log = logging.getLogger("worker.realtime")

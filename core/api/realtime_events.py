@@ -4,7 +4,7 @@
 pcm16 audio, and our session's events and output audio into Realtime server events. The subset, and
 what each event maps to, is documented in docs/REALTIME.md. Audio on the Realtime side is base64
 pcm16 little-endian mono at 24 kHz both ways (OpenAI's ``audio/pcm``); resampling and Opus decoding
-happen in the socket half (``core/server/realtime_worker.py``).
+happen in the socket half (``core/worker/realtime.py``).
 """
 
 from __future__ import annotations

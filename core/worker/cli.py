@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from core.models.registry import build_stack
-    from core.server.worker_app import create_app
+    from core.worker.app import create_app
 
     app = create_app(config, lambda: build_stack(config), index=args.worker_index)
     logging.getLogger("worker").info(

@@ -1,11 +1,10 @@
-"""HTTP helpers shared by the gateway's API modules (jobs, OpenAI-compatible endpoints).
+"""Requests to a worker through the gateway's ETA queue, for the gateway's HTTP routes and API modules.
 
 - :func:`take_ticket` and :func:`worker_response`: one request to a worker through the ETA queue. The
   ticket waits for a worker; a worker that refuses (``409`` busy while it tears down a session, retried
   briefly; ``503`` loading) or cannot be reached hands the ticket back to the head of the queue, at most
   ``MAX_ATTEMPTS`` times; the lease is released exactly once, however the caller's block ends.
-- :func:`read_upload`: a multipart upload read with a size limit, before anything is parsed.
-- :class:`ClosingStream`: a streaming response that runs a clean-up even when it never started.
+- :func:`upstream_query`: a client's query string as a worker may see it.
 
 No audio or model library here: this runs in the gateway.
 """
@@ -16,28 +15,21 @@ import asyncio
 import contextlib
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from core.protocol import ErrorCode
 from core.scheduling.pool import Lease, Outcome, Pool, QueueFull, QueueTimeout, Ticket, TicketCancelled
 
 if TYPE_CHECKING:
-    from core.server.gateway_state import GatewayState
+    from core.gateway.state import GatewayState
 
 #: Back-off while a worker still tears down the previous session and answers 409 busy.
 BUSY_RETRY_DELAYS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 #: A ticket handed back this many times by refusing workers fails with ``worker_lost``.
 MAX_ATTEMPTS = 3
 CONNECT_TIMEOUT_S = 5.0
-#: Multipart overhead allowed on top of the file size limit.
-FORM_OVERHEAD_BYTES = 64 * 1024
 
 
 class CallFailed(Exception):
@@ -188,144 +180,7 @@ async def _post(
     raise AssertionError("unreachable")
 
 
-async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work``; cancel it when the client disconnects first (then return None: nobody reads it)."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        return task.result() if task.done() else None
-    finally:
-        for t in (task, watch):
-            t.cancel()
-        await asyncio.gather(task, watch, return_exceptions=True)
-
-
-async def wait_disconnect(request: Request) -> None:
-    """Return when the client of ``request`` disconnects."""
-    # Once the body is read, the next ASGI message is http.disconnect when the client leaves.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-# --------------------------------------------------------------------------- uploads
-
-
-class UploadError(Exception):
-    """An upload that cannot be accepted: ``status`` 400 or 413."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param = status, code, message, param
-
-
-@dataclass
-class Upload:
-    """A parsed multipart upload: the file's bytes and name, and the text fields (repeatable)."""
-
-    data: bytes
-    filename: str | None
-    fields: dict[str, list[str]] = field(default_factory=dict)
-
-    def get(self, name: str) -> str | None:
-        """The last value of a text field, or None."""
-        values = self.fields.get(name)
-        return values[-1] if values else None
-
-
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it runs past ``limit`` bytes (the rest is not read)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_upload(request: Request, max_bytes: int, file_fields: tuple[str, ...] = ("file",)) -> Upload:
-    """Read a multipart body (at most ``max_bytes`` of file plus form overhead) and parse it.
-
-    Raises :class:`UploadError`: 413 past the limit (checked on ``Content-Length`` first, then while
-    reading, and on the file itself), 400 for a body that is not multipart or has no file.
-    """
-    limit_mb = max_bytes / (1024 * 1024)
-    too_large = UploadError(
-        413, ErrorCode.PAYLOAD_TOO_LARGE.value, f"the upload is over {limit_mb:g} MB", "file"
-    )
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise UploadError(
-            400, ErrorCode.INVALID_EVENT.value, "send multipart/form-data with a 'file' part", "file"
-        )
-    declared = request.headers.get("content-length", "")
-    limit = max_bytes + FORM_OVERHEAD_BYTES
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = await read_body(request, limit)
-    if body is None:
-        raise too_large
-    try:
-        form = await Request(request.scope, _replay(body)).form(max_files=len(file_fields), max_fields=64)
-    except Exception as exc:  # starlette raises its own HTTPException/MultiPartException on a bad body
-        raise UploadError(
-            400, ErrorCode.INVALID_EVENT.value, f"malformed multipart body: {exc}", None
-        ) from None
-    try:
-        upload: UploadFile | None = None
-        fields: dict[str, list[str]] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, str):
-                fields.setdefault(key, []).append(value)
-            elif key in file_fields and upload is None:
-                upload = value
-        if upload is None:
-            raise UploadError(
-                400, ErrorCode.BAD_AUDIO.value, "no audio: send the file in a 'file' part", "file"
-            )
-        data = await upload.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise too_large
-        if not data:
-            raise UploadError(400, ErrorCode.BAD_AUDIO.value, "the uploaded file is empty", "file")
-        return Upload(data, upload.filename, fields)
-    finally:
-        await form.close()
-
-
-def _replay(body: bytes) -> Receive:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
 def upstream_query(query: str) -> str:
     """A query string minus ``api_key`` (workers need no key and must not log it)."""
     pairs = [(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True) if k != "api_key"]
     return ("?" + urllib.parse.urlencode(pairs)) if pairs else ""
-
-
-# --------------------------------------------------------------------------- streaming
-
-
-class ClosingStream(StreamingResponse):
-    """A streaming response whose ``on_close`` runs once the response ends, also when it never started."""
-
-    def __init__(
-        self, content: AsyncIterator[Any], on_close: Callable[[], Awaitable[None]], **kwargs: Any
-    ) -> None:
-        super().__init__(content, **kwargs)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()

@@ -1,7 +1,7 @@
 """A small process supervisor: run a command, restart it with back-off when it exits, report the count.
 
-    python -m core.server.supervisor --name worker_0 --status tmp/worker_0.status -- python worker.py ...
-    python -m core.server.supervisor --index 0 [--status-dir tmp] -- python worker.py --worker-index 0
+    python -m core.launch.supervisor --name worker_0 --status tmp/worker_0.status -- python worker.py ...
+    python -m core.launch.supervisor --index 0 [--status-dir tmp] -- python worker.py --worker-index 0
 
 Every exit is unexpected for a server, so the child is restarted whatever its exit code, after a back-off
 that doubles from ``--initial-backoff`` up to ``--max-backoff`` and resets once a run lasted
@@ -155,7 +155,7 @@ class Supervisor:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Flags before ``--``; the command after it."""
     p = argparse.ArgumentParser(
-        prog="python -m core.server.supervisor", description="Restart a command when it exits."
+        prog="python -m core.launch.supervisor", description="Restart a command when it exits."
     )
     p.add_argument("--index", type=int, default=0, help="N in the default name worker_N")
     p.add_argument("--name", default=None, help="label for messages and the default status file name")

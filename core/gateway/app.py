@@ -1,10 +1,13 @@
-"""The gateway: one process, no torch (DESIGN §1, §4). Queue with ETA, routing, health, TLS, demo, metrics.
+"""The gateway app: one process, no torch (docs/ARCHITECTURE.md). Queue with ETA, routing, health, TLS, demo,
+metrics.
 
 Routes: ``GET /health`` (open), ``GET /metrics`` (Prometheus text), ``GET /api/queue``,
 ``GET|PUT /api/config/eta``, ``POST /v1/chat`` and ``POST /v1/transcribe`` (queued as ``chat`` and
-``transcribe``, proxied to the worker: core/server/http_proxy.py), ``WS /ws/duplex`` (queued as
-``audio_duplex``, then bridged to the worker frame for frame: core/server/duplex_bridge.py), and the
-static demo at ``/``. A full queue answers the HTTP endpoints with 503 and ``Retry-After``.
+``transcribe``, proxied to the worker: core/gateway/http_proxy.py), ``WS /ws/duplex`` and
+``WS /v1/realtime`` (queued as ``audio_duplex``, then bridged to the worker frame for frame: one session,
+core/gateway/session.py, in two dialects: core/gateway/duplex.py, core/api/realtime.py), the jobs and
+OpenAI-compatible routes (core/api/), and the static demo at ``/``. A full queue answers the HTTP
+endpoints with 503 and ``Retry-After``.
 
 Worker restarts (in /health, /api/queue, /metrics) come from the worker's /health field ``restarts`` when
 it has one, else from the supervisor's status file ``<log_dir>/worker_N.status`` (JSON with ``restarts``),
@@ -34,18 +37,20 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core.api.jobs import JobService
+from core.api.openai_compat import openai_routes
+from core.api.realtime import REALTIME
 from core.config import Config
+from core.gateway.auth import ApiKeyMiddleware, resolve_api_key
+from core.gateway.duplex import DUPLEX
+from core.gateway.http_proxy import error_response, proxy_request
+from core.gateway.metrics import GatewayMetrics
+from core.gateway.queue_updates import ServerSendTap
+from core.gateway.session import session_route
+from core.gateway.state import GatewayState
 from core.protocol import ErrorCode
 from core.scheduling.eta import DurationModel, EtaSettings, EtaSettingsError
 from core.scheduling.pool import Pool, Worker
-from core.server.auth import ApiKeyMiddleware, resolve_api_key
-from core.server.duplex_bridge import ClientSocket, serve_duplex
-from core.server.gateway_state import GatewayState
-from core.server.http_proxy import error_response, proxy_request
-from core.server.jobs_api import JobService
-from core.server.metrics import GatewayMetrics
-from core.server.openai_api import openai_routes
-from core.server.realtime_bridge import realtime_route
 
 log = logging.getLogger("gateway")
 
@@ -307,31 +312,26 @@ def create_app(
             await asyncio.gather(*state.tasks, return_exceptions=True)
             await state.http.aclose()
 
-    http_app = Starlette(
-        # the job, OpenAI and realtime routes come before the static catch-all of _routes
-        routes=[*jobs.routes(), *openai_routes(state), realtime_route(state), *_routes(state)],
+    sessions = [session_route(state, "/ws/duplex", DUPLEX), session_route(state, "/v1/realtime", REALTIME)]
+    starlette_app = Starlette(
+        # the job, OpenAI and WebSocket routes come before the static catch-all of _routes
+        routes=[*jobs.routes(), *openai_routes(state), *sessions, *_routes(state)],
         exception_handlers={StarletteHTTPException: _http_error, Exception: _crash},
         lifespan=lifespan,
     )
-    return GatewayApp(http_app, state)
+    return GatewayApp(starlette_app, state)
 
 
 class GatewayApp:
-    """The ASGI app: ``WS /ws/duplex`` served raw (the hot path), everything else by Starlette;
-    the API key is checked in front of both."""
+    """The ASGI app: the API key is checked in front of every route, and outermost each WebSocket scope
+    gets the server's own ``send``, so queue updates keep their fast path whatever wraps ``send`` inside."""
 
-    def __init__(self, http_app: Starlette, state: GatewayState) -> None:
-        self.http_app, self.state = http_app, state
-        self._guarded = ApiKeyMiddleware(self._route, state.api_key)
+    def __init__(self, starlette_app: Starlette, state: GatewayState) -> None:
+        self.state = state
+        self._app = ServerSendTap(ApiKeyMiddleware(starlette_app, state.api_key))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self._guarded(scope, receive, send)
-
-    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket" and scope["path"] == "/ws/duplex":
-            await serve_duplex(self.state, ClientSocket(scope, receive, send))
-        else:
-            await self.http_app(scope, receive, send)
+        await self._app(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- process
@@ -385,7 +385,7 @@ def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Pa
     _raise_fd_limit()
     ssl: dict[str, str] = {}
     if not service.http:
-        from core.server.tls import TLSError, ensure_certificate
+        from core.gateway.tls import TLSError, ensure_certificate
 
         try:
             cert, key = ensure_certificate(Path(service.data_dir) / "tls", [service.gateway_host])
@@ -403,7 +403,7 @@ def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Pa
         port=service.gateway_port,
         log_level="warning",
         access_log=False,
-        ws="websockets-sansio",  # queue updates are written straight to its transports (ws_direct)
+        ws="websockets-sansio",  # its protocol objects take queue updates directly (queue_updates)
         ws_per_message_deflate=False,  # Opus does not compress; deflate only costs latency
         ws_max_size=CLIENT_WS_MAX_SIZE,
         timeout_graceful_shutdown=2,

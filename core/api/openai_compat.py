@@ -6,7 +6,7 @@
   Queued as ``transcribe`` and served by the worker's ``/v1/transcribe``.
 - ``POST /v1/audio/speech``: JSON ``input``, ``voice`` (a voice the worker's TTS has, else its default:
   OpenAI's voice names are accepted so that stock clients work), ``response_format`` wav | pcm | opus |
-  mp3 | flac (default mp3, as OpenAI's). Served by the worker's ``/v1/speech`` (core/server/speech_routes.py).
+  mp3 | flac (default mp3, as OpenAI's). Served by the worker's ``/v1/speech`` (core/worker/speech_routes.py).
 - ``POST /v1/chat/completions``: text messages; ``stream: true`` answers server-sent events in the
   OpenAI chunk format, ended by ``data: [DONE]``. Served by the worker's ``/v1/text_chat``.
 - ``GET /v1/models``: the worker's model names plus the usual aliases.
@@ -30,22 +30,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core.api.jobs import parse_language
+from core.gateway.worker_calls import CallFailed, kind_or, take_ticket, worker_response
 from core.protocol import ErrorCode
-from core.server.gateway_http import (
-    CallFailed,
-    ClosingStream,
-    UploadError,
-    kind_or,
-    read_upload,
-    take_ticket,
-    unless_disconnected,
-    worker_response,
-)
-from core.server.jobs_api import parse_language
 from core.storage.jobs import UnsupportedFormat, detect_format
+from core.web import ClosingStream, UploadError, read_upload, unless_disconnected
 
 if TYPE_CHECKING:
-    from core.server.gateway_state import GatewayState
+    from core.gateway.state import GatewayState
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 SPEECH_MEDIA = {

@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.models.base import OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
 from core.protocol import ErrorCode
-from core.server.gateway_http import ClosingStream
 from core.session.executor import iterate_in_executor
+from core.web import ClosingStream
 
 log = logging.getLogger("worker.speech")
 

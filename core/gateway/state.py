@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 
 from core.config import Config
+from core.gateway.metrics import GatewayMetrics
 from core.scheduling.pool import Pool
-from core.server.metrics import GatewayMetrics
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The gateway's one-shot HTTP endpoints (``POST /v1/chat``, ``POST /v1/transcribe``): queue the request,
-then proxy its body to the assigned worker and its answer back (``gateway_http.worker_response``: a worker
+then proxy its body to the assigned worker and its answer back (``worker_calls.worker_response``: a worker
 that refuses or cannot be reached hands the ticket back to the head of the queue).
 
 A full queue answers 503 with ``Retry-After`` before the body is read.
@@ -15,18 +15,13 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from core.gateway.worker_calls import CallFailed, upstream_query, worker_response
 from core.protocol import ErrorCode
 from core.scheduling.pool import QueueFull, Ticket
-from core.server.gateway_http import (
-    CallFailed,
-    read_body,
-    unless_disconnected,
-    upstream_query,
-    worker_response,
-)
+from core.web import read_body, unless_disconnected
 
 if TYPE_CHECKING:
-    from core.server.gateway_state import GatewayState
+    from core.gateway.state import GatewayState
 
 log = logging.getLogger("gateway")
 

@@ -1,6 +1,6 @@
 """The worker's HTTP/WebSocket app: one model stack, one live session at a time.
 
-``GET /health`` (503 while loading), ``WS /ws/duplex`` (DESIGN §3), ``POST /v1/chat`` (audio or text in, reply
+``GET /health`` (503 while loading), ``WS /ws/duplex`` (docs/PROTOCOL.md), ``POST /v1/chat`` (audio or text in, reply
 text and speech out), ``POST /v1/transcribe`` (audio in, text and segments out). Models load on a background
 thread after the server starts listening, so /health can say "loading"; every blocking model call runs on the
 stack's single executor thread.
@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +35,14 @@ from core.audio.opus import OpusDecoder, OpusEncoder
 from core.config import Config
 from core.models.base import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
 from core.protocol import ErrorCode, error_event
-from core.server.realtime_worker import realtime_router
-from core.server.ref_audio_routes import build_ref_audio_router, connect_voices
-from core.server.speech_routes import speech_router
 from core.session.counters import SessionCounters
 from core.session.duplex import DuplexSession
 from core.session.executor import device_executor
 from core.session.text import SentenceChunker
 from core.storage.ref_audio import RefAudioRegistry
+from core.worker.realtime import realtime_router
+from core.worker.ref_audio_routes import build_ref_audio_router, connect_voices
+from core.worker.speech_routes import speech_router
 
 log = logging.getLogger("worker")
 
@@ -245,12 +245,21 @@ def _transcribe_blocking(stack: ModelStack, audio: np.ndarray, language: str | N
 def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int = 0) -> FastAPI:
     """The worker app; models are built by ``build_stack`` on a background thread at start-up."""
     state = WorkerState(config=config, index=index)
-    app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None)
-    app.state.worker = state
     voices = RefAudioRegistry(
         Path(config.service.data_dir) / "ref_audio",
         max_upload_bytes=int(config.audio.max_upload_mb * 1024 * 1024),
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Models load on a thread while the server starts listening, so that /health can say "loading".
+        threading.Thread(
+            target=_load, args=(state, build_stack, voices), name="model-load", daemon=True
+        ).start()
+        yield
+
+    app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.worker = state
     app.include_router(
         build_ref_audio_router(
             voices, lambda: state.stack.tts if state.stack else None, executor=state.executor
@@ -259,12 +268,6 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
 
     app.include_router(speech_router())
     app.include_router(realtime_router())
-
-    @app.on_event("startup")
-    async def _start() -> None:
-        threading.Thread(
-            target=_load, args=(state, build_stack, voices), name="model-load", daemon=True
-        ).start()
 
     @app.get("/health")
     async def health() -> JSONResponse:

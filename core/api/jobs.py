@@ -38,19 +38,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core.gateway.worker_calls import CallFailed, take_ticket, worker_response
 from core.protocol import ErrorCode
 from core.scheduling.pool import Lease, Ticket
-from core.server.gateway_http import (
-    CallFailed,
-    UploadError,
-    read_upload,
-    take_ticket,
-    worker_response,
-)
 from core.storage.jobs import Job, JobConflict, JobNotFound, JobStore, UnsupportedFormat, detect_format
+from core.web import UploadError, read_upload
 
 if TYPE_CHECKING:
-    from core.server.gateway_state import GatewayState
+    from core.gateway.state import GatewayState
 
 log = logging.getLogger("gateway.jobs")
 
