@@ -127,6 +127,10 @@ class DuplexConfig(_Section):
     max_utterance_s: float = Field(30.0, gt=0, le=30)
     pause_timeout: float = Field(60.0, gt=0)
     idle_timeout: float = Field(600.0, gt=0)
+    # A client that sends nothing at all (not even silence frames) for this long is gone or stuck: its
+    # session ends with an error event and the worker is free for the next client. A paused session is
+    # exempt (it has pause_timeout).
+    receive_timeout_s: float = Field(30.0, gt=0, le=3600)
     instructions: str = (
         "You are a helpful voice assistant. Answer in one or two short spoken sentences, "
         "without lists or markdown."

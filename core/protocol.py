@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
     SESSION_CLOSED = "session_closed"
+    RECEIVE_TIMEOUT = "receive_timeout"
     NOT_READY = "not_ready"
     INTERNAL_ERROR = "internal_error"
 

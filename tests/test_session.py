@@ -704,3 +704,33 @@ def test_an_asr_failure_is_reported_too() -> None:
             assert h.states()[-1] == "listening"
 
     run(body)
+
+
+def test_a_client_that_sends_nothing_is_closed_with_a_reason() -> None:
+    async def body() -> None:
+        async with live(duplex={"receive_timeout_s": 30.0}) as h:
+            await h.mic.play(speaking_turn())
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            t_last = asyncio.get_running_loop().time()  # the last frame the client sent
+            reason = await asyncio.wait_for(h.runner, 120)  # the client now sends nothing at all
+            assert reason == "receive_timeout"
+            error = h.wire.first("error")
+            assert error[1]["code"] == "receive_timeout" and error[1]["fatal"] is True
+            assert "30 s" in error[1]["message"]
+            t_closed, closed = h.wire.first("session.closed")
+            assert closed["reason"] == "receive_timeout"
+            assert t_closed == pytest.approx(t_last + 30.0, abs=0.05)
+
+    run(body)
+
+
+def test_silence_frames_keep_a_session_open() -> None:
+    async def body() -> None:
+        async with live(duplex={"receive_timeout_s": 5.0}) as h:
+            await h.mic.silence(60.0)  # frames of silence: the client is there, only quiet
+            assert h.session.state.value == "listening"
+            assert "error" not in h.wire.types()
+            await h.text({"type": "session.close"})
+            assert await asyncio.wait_for(h.runner, 10) == "client_closed"
+
+    run(body)

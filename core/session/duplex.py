@@ -207,6 +207,7 @@ class DuplexSession:
         self._tasks: list[asyncio.Task[Any]] = []
         self._pause_timer: asyncio.Task[None] | None = None
         self._last_activity = self._clock()
+        self._last_received = self._clock()  # any frame from the client, even silence
         self._closed = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
@@ -220,6 +221,7 @@ class DuplexSession:
 
     async def on_text(self, frame: str | bytes) -> None:
         """A text frame from the client (processed in order with audio by the receive task)."""
+        self._last_received = self._clock()
         if self.state is not State.CLOSED:
             await self._inbox.put(
                 frame if isinstance(frame, str) else bytes(frame).decode("utf-8", "replace")
@@ -227,6 +229,7 @@ class DuplexSession:
 
     async def on_binary(self, frame: bytes | bytearray | memoryview) -> None:
         """A binary (audio) frame from the client."""
+        self._last_received = self._clock()
         if self.state is not State.CLOSED:
             await self._inbox.put(bytes(frame))
 
@@ -240,6 +243,7 @@ class DuplexSession:
             self._sender_task = self._spawn(self.sender.run(), "sender")
             self._spawn(self._receive(), "receive")
             self._spawn(self._watch_idle(), "idle")
+            self._spawn(self._watch_receiving(), "receiving")
             await self._closed.wait()
         finally:
             await self._shutdown()
@@ -333,6 +337,22 @@ class DuplexSession:
                 self._touch()  # a turn, speech or a pause is activity (the pause has its own timeout)
             elif self._clock() - self._last_activity >= limit:
                 self._dispatch(Event.IDLE_TIMEOUT)
+
+    async def _watch_receiving(self) -> None:
+        """End the session when the client has sent nothing at all for ``receive_timeout_s``."""
+        limit = self.config.duplex.receive_timeout_s
+        self._last_received = self._clock()
+        while True:
+            await asyncio.sleep(max(0.0, self._last_received + limit - self._clock()))
+            if self.state is State.PAUSED:  # a paused client may go quiet; pause_timeout bounds that
+                self._last_received = self._clock()
+            elif self._clock() - self._last_received >= limit:
+                message = (
+                    f"nothing received for {limit:g} s (duplex.receive_timeout_s): the session is closed"
+                )
+                self._error(ErrorCode.RECEIVE_TIMEOUT, message, fatal=True)
+                self._dispatch(Event.CLOSE, reason="receive_timeout")
+                return
 
     async def _pause_countdown(self) -> None:
         await asyncio.sleep(self.config.duplex.pause_timeout)
