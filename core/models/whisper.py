@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from core.models.base import INPUT_SAMPLE_RATE, Segment, Transcript
-from core.models.device import resolve_attention, resolve_device, resolve_dtype
+from core.models.device import load_placement, resolve_attention, resolve_device, resolve_dtype
 
 #: Longest clip one Whisper window holds.
 MAX_CLIP_S = 30.0
@@ -158,7 +158,10 @@ class WhisperASR:
         try:
             self.processor = WhisperProcessor.from_pretrained(str(path))
             model: Any = WhisperForConditionalGeneration.from_pretrained(
-                str(path), dtype=self.dtype, attn_implementation=self.attn_implementation
+                str(path),
+                dtype=self.dtype,
+                attn_implementation=self.attn_implementation,
+                **load_placement(self.device),  # straight onto the GPU, not through host memory
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ASRError(f"cannot load Whisper from '{path}': {exc}") from exc
