@@ -88,13 +88,13 @@ def test_tts_auto_falls_back_when_the_backend_does_not_import(monkeypatch: pytes
     assert registry._production_tts_default(model) == "piper"
 
 
-def test_tts_auto_with_a_hub_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_tts_auto_with_a_hub_id(monkeypatch: pytest.MonkeyPatch) -> None:
     model = ModelConfig(stack="production", tts="auto", tts_path="FunAudioLLM/CosyVoice2-0.5B", device="cpu")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert registry.cosyvoice2_missing(model) is None  # fetched at load, as the ASR and LLM hub ids are
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    assert "not in the local hub cache" in (registry.cosyvoice2_missing(model) or "")
+    uncached = model.model_copy(update={"tts_path": "duplex-tests/no-such-cosyvoice2"})  # in no cache anywhere
+    assert "not in the local hub cache" in (registry.cosyvoice2_missing(uncached) or "")
 
 
 def test_the_embedded_stack_stays_on_the_cpu_where_cuda_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
