@@ -70,8 +70,8 @@ if [ "$TINY" = 1 ]; then
   step distill "$(limit DISTILL 90)" "$PY" bench/bench_distill.py --turbo-only --turbo-scale tiny --files 2 --rounds 1
 else
   TESTS+=(tests/test_llm.py tests/test_whisper.py)
-  step tests "$(limit TESTS 90)" "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$LOGS/tests.xml" "${TESTS[@]}"
-  step cosyvoice "$(limit COSYVOICE 140)" "$PY" bench/bench_cosyvoice.py --runs 3
+  step tests "$(limit TESTS 120)" "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$LOGS/tests.xml" "${TESTS[@]}"
+  step cosyvoice "$(limit COSYVOICE 120)" "$PY" bench/bench_cosyvoice.py --runs 3
   step duplex "$(limit DUPLEX 180)" "$PY" bench/bench_duplex.py --stack random-production --scale full --turns 6
   step distill "$(limit DISTILL 60)" "$PY" bench/bench_distill.py --turbo-only --turbo-scale full --files 6 --rounds 1
 fi

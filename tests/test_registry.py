@@ -93,7 +93,8 @@ def test_tts_auto_with_a_hub_id(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert registry.cosyvoice2_missing(model) is None  # fetched at load, as the ASR and LLM hub ids are
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    uncached = model.model_copy(update={"tts_path": "duplex-tests/no-such-cosyvoice2"})  # in no cache anywhere
+    # An id that no hub cache holds: offline, there is nothing to load.
+    uncached = model.model_copy(update={"tts_path": "duplex-tests/no-such-cosyvoice2"})
     assert "not in the local hub cache" in (registry.cosyvoice2_missing(uncached) or "")
 
 
