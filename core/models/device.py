@@ -6,6 +6,7 @@ one they raise ``DeviceError``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -74,5 +75,8 @@ def load_placement(device: torch.device) -> dict[str, Any]:
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None:
+        logging.getLogger("models").warning(
+            "accelerate is not installed: weights load through host memory (bash install.sh installs it)"
+        )
         return {}
     return {"device_map": str(device)}
