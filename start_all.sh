@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Starts one worker per visible GPU (or CPU workers with the embedded stack), each under a supervisor that
 # restarts it after a crash, waits until all are healthy, starts the gateway, prints the URL and returns.
-#   bash start_all.sh [--http] [--compile] [--cpu-workers N] [--port P] [--config F]
+#   bash start_all.sh [--http] [--compile] [--cpu-workers N] [--port P] [--config F] [--dry-run]
 #   bash start_all.sh --stop                      stop exactly what start_all.sh started (tmp/*.pid)
 #   bash start_all.sh --distill MANIFEST [--output OUT.jsonl] [--batch-size N]   batch transcription, one shard per GPU
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "start_all.sh: .venv missing: run bash install.sh first" >&2; exit 1; }
-HTTP=0; COMPILE=0; CPU_WORKERS=""; PORT=""; CONFIG=""; STOP=0; DISTILL=""; OUTPUT=""; BATCH=""
+HTTP=0; COMPILE=0; CPU_WORKERS=""; PORT=""; CONFIG=""; STOP=0; DISTILL=""; OUTPUT=""; BATCH=""; DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --http) HTTP=1 ;;
@@ -20,7 +20,8 @@ while [ $# -gt 0 ]; do
     --distill) DISTILL="$2"; shift ;;
     --output) OUTPUT="$2"; shift ;;
     --batch-size) BATCH="$2"; shift ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
     *) echo "start_all.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -52,15 +53,26 @@ if [ "$STOP" = 1 ]; then
 fi
 
 # --- which devices -----------------------------------------------------------------------------------
+# Each worker gets one entry of CUDA_VISIBLE_DEVICES (an index, GPU-<uuid> or MIG-<uuid>) in its environment.
+# nvidia-smi numbers GPUs in PCI bus order and CUDA fastest-first unless told: make indices mean the same.
+export CUDA_DEVICE_ORDER=${CUDA_DEVICE_ORDER:-PCI_BUS_ID}
 GPUS=()
-if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-  IFS=',' read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
+CFG_STACK=$(cfg c.model.stack)
+if [ "$CFG_STACK" = embedded ] || [ "$CFG_STACK" = fake ]; then
+  :  # a CPU stack asked for in the config: no GPU worker, whatever nvidia-smi says
+elif [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  # Set, even empty: it decides (empty or -1 hides every GPU). Entries may be indices or UUIDs.
+  IFS=',' read -r -a listed <<< "${CUDA_VISIBLE_DEVICES// /}"
+  for id in "${listed[@]}"; do [[ "$id" =~ ^-[0-9]+$ ]] && break; GPUS+=("$id"); done
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  mapfile -t GPUS < <(nvidia-smi --query-gpu=index --format=csv,noheader)
+  mapfile -t GPUS < <(nvidia-smi --query-gpu=uuid --format=csv,noheader | tr -d ' ')
 fi
 if [ ${#GPUS[@]} -gt 0 ]; then
   N=${#GPUS[@]}; STACK=""
   echo "found ${N} GPU(s): ${GPUS[*]}"
+elif [ "$CFG_STACK" = embedded ] || [ "$CFG_STACK" = fake ]; then
+  N=${CPU_WORKERS:-1}; STACK="--stack $CFG_STACK"
+  echo "model.stack is $CFG_STACK: ${N} CPU worker(s)"
 else
   N=${CPU_WORKERS:-1}; STACK="--stack embedded"
   echo "no GPU found: ${N} CPU worker(s) with the embedded stack"
@@ -87,7 +99,7 @@ if [ -n "$DISTILL" ]; then
 fi
 
 # --- workers -----------------------------------------------------------------------------------------
-if alive $T/gateway.pid; then
+if [ "$DRY" = 0 ] && alive $T/gateway.pid; then
   echo "already running (gateway pid $(cat $T/gateway.pid)); stop it with: bash start_all.sh --stop"; exit 1
 fi
 BASE=$(cfg c.service.worker_base_port)
@@ -95,16 +107,22 @@ GW_PORT=${PORT:-$(cfg c.service.gateway_port)}
 ADDRS=()
 for i in $(seq 0 $((N - 1))); do
   port=$((BASE + i)); ADDRS+=("127.0.0.1:$port")
-  alive "$T/worker_$i.pid" && { echo "worker $i already running"; continue; }
+  [ "$DRY" = 0 ] && alive "$T/worker_$i.pid" && { echo "worker $i already running"; continue; }
   args=(worker.py --worker-index "$i" --port "$port" $STACK)
-  [ ${#GPUS[@]} -gt 0 ] && args+=(--gpu-id "${GPUS[$i]}")
+  envs=()  # the worker's GPU goes in its environment, so an id of any form reaches CUDA unchanged
+  [ ${#GPUS[@]} -gt 0 ] && envs=("CUDA_VISIBLE_DEVICES=${GPUS[$i]}")
   [ "$COMPILE" = 1 ] && args+=(--compile)
   [ -n "$CONFIG" ] && args+=(--config "$CONFIG")
-  nohup "$PY" -m core.launch.supervisor --name "worker_$i" --status "$T/worker_$i.status" -- \
+  if [ "$DRY" = 1 ]; then
+    echo "worker $i: ${envs[*]:+${envs[*]} }CUDA_DEVICE_ORDER=$CUDA_DEVICE_ORDER $PY ${args[*]}"; continue
+  fi
+  env "${envs[@]}" nohup "$PY" -m core.launch.supervisor --name "worker_$i" --status "$T/worker_$i.status" -- \
     "$PY" "${args[@]}" > "$T/worker_$i.out" 2>&1 &
   echo $! > "$T/worker_$i.pid"
   echo "worker $i starting on 127.0.0.1:$port (log $T/worker_$i.log)"
 done
+
+[ "$DRY" = 1 ] && exit 0  # --dry-run: the worker command lines above are all it prints
 
 wait_health() {  # url, name, pidfile, timeout_s
   local deadline=$(( $(date +%s) + $4 ))

@@ -21,8 +21,8 @@ tokens per second of its longest clip + 16; its WER is meaningless). ``--turbo-s
 at a tiny size on the CPU (a smoke test of the code path, not a measurement).
 
 Usage: ``.venv/bin/python bench/bench_distill.py [--files N] [--batch B] [--rounds R] [--threads T]
-[--turbo-scale tiny|full]``.
-Prints a table, then one ``RESULT`` line.
+[--turbo-scale tiny|full] [--turbo-only]``. ``--turbo-only`` runs the random large-v3-turbo row alone (what
+``bench/gpu.sh`` measures on a lent GPU). Prints a table, then one ``RESULT`` line.
 """
 
 from __future__ import annotations
@@ -203,7 +203,12 @@ def main() -> int:
         default="full",
         help="random large-v3-turbo row: full size on CUDA only, or tiny on the CPU",
     )
+    parser.add_argument(
+        "--turbo-only", action="store_true", help="only the random large-v3-turbo row (no baselines)"
+    )
     args = parser.parse_args()
+    if args.turbo_only:
+        return main_turbo_only(args)
 
     import torch
 
@@ -275,6 +280,36 @@ def main() -> int:
         f"wer_ours={mine.wer:.3f} wer_one={one.wer:.3f} wer_fw_f32={fw32.wer:.3f} wer_fw_int8={fw8.wer:.3f} "
         f"gpu={'measured' if gpu else 'not_measured'} "
         f"turbo_random_aps={'na' if turbo_row is None else f'{turbo_row.audio_per_s:.2f}'}"
+    )
+    return 0
+
+
+def main_turbo_only(args: argparse.Namespace) -> int:
+    """The random large-v3-turbo row alone: our batched pipeline, on CUDA (full size) or the CPU (tiny)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    scale = args.turbo_scale if gpu else "tiny"
+    batched = DistillOptions(batch_size=args.batch, language="en")
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp_name:
+        tmp = Path(tmp_name)
+        samples = build_corpus(tmp, args.files)
+        label = f"ours: random large-v3-turbo ({scale})"
+        systems = {(label, device, str(args.batch)): ours(random_turbo(tmp, scale, device), batched)}
+        (row,) = measure(systems, samples, args.rounds)
+    gpu_name = torch.cuda.get_device_name(0) if gpu else "none"
+    print(
+        f"# distill benchmark, random large-v3-turbo only: {args.files} files, {row.audio_s:.1f} s of audio; "
+        f"gpu: {gpu_name}, torch {torch.__version__}; best of {args.rounds} passes after a warm-up"
+    )
+    print(
+        f"| {row.system} | {row.device} | batch {row.batch} | {row.wall_s:.1f} s | {row.audio_per_s:.2f} audio-s/s |"
+    )
+    print(
+        f"RESULT turbo_random_aps={row.audio_per_s:.2f} turbo_scale={scale} device={device} batch={args.batch} "
+        f"files={args.files}"
     )
     return 0
 

@@ -153,17 +153,29 @@ class Results:
     v2v_ms: list[float] = field(default_factory=list)
     bargein_ms: list[float] = field(default_factory=list)
     stages: dict[str, list[float]] = field(default_factory=dict)
+    #: First reply packet minus the send time of the frame with the last voiced sample of the utterance: the
+    #: user's voice-to-voice whatever ended the turn (the only fair reference under semantic_vad).
+    voiced_v2v_ms: list[float] = field(default_factory=list)
+    #: What ended each turn (response.done ``end_of_turn``: the turn model, the words, the silence limit).
+    ended_by: dict[str, int] = field(default_factory=dict)
+    preemptive: int = 0
+    #: Whether the session ended turns with semantic_vad (a turn model in the stack and the config asking).
+    semantic: bool = False
 
 
 async def _measure_turn(
-    client: Client, wire: Wire, config: Config, speech_end_sample: int, res: Results
+    client: Client, wire: Wire, config: Config, speech_end_sample: int, res: Results, tail: int = 0
 ) -> None:
-    """Wait for the reply to the utterance just spoken and note its overhead."""
+    """Wait for the reply to the utterance just spoken and note its overhead.
+
+    ``tail``: samples of silence at the end of the utterance after its last voiced one.
+    """
     replies = len(wire.of("response.created"))
     await client.silence_until(
         lambda: len(wire.of("response.created")) > replies and bool(_audio_after(wire))
     )
     first_packet = _audio_after(wire)[0]
+    res.voiced_v2v_ms.append((first_packet - client.frame_time(speech_end_sample - 1 - tail)) * 1000)
     stopped = wire.of("input_audio_buffer.speech_stopped")[-1][1]
     endpoint = config.duplex.endpoint_silence_ms * SR // 1000
     reference = client.frame_time(stopped["audio_end_ms"] * SR // 1000 + endpoint - 1)
@@ -198,11 +210,13 @@ async def run_bench(stack: ModelStack, config: Config, *, turns: int, speech: np
     )
     runner = asyncio.create_task(session.run())
     client = Client(session)
+    res.semantic = stack.turn is not None and config.duplex.turn_detection == "semantic_vad"
+    tail = len(speech) - 1 - last_voiced(speech)
     await client.play(np.zeros(ALIGN, np.float32))
     await client.play(speech)
     end = client.position
     for i in range(turns):
-        await _measure_turn(client, wire, config, end, res)
+        await _measure_turn(client, wire, config, end, res, tail)
         if i == turns - 1:
             break
         await client.play(np.zeros(int(0.3 * SR), np.float32))  # let the reply play a little
@@ -218,6 +232,10 @@ async def run_bench(stack: ModelStack, config: Config, *, turns: int, speech: np
     res.v2v_ms = [t["voice_to_voice_ms"] for t in done if t.get("voice_to_voice_ms") is not None]
     for key in STAGES:
         res.stages[key] = [t[key] for t in done if t.get(key) is not None]
+    for t in done:
+        ended = str(t.get("end_of_turn") or "unknown")
+        res.ended_by[ended] = res.ended_by.get(ended, 0) + 1
+        res.preemptive += bool(t.get("preemptive"))
     return res
 
 
@@ -240,6 +258,8 @@ def p95(values: list[float]) -> float:
 
 
 def report(res: Results, config: Config, stack_name: str = "fake") -> str:
+    if res.semantic:
+        return semantic_report(res, config, stack_name)
     d = config.duplex
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
@@ -258,6 +278,48 @@ def report(res: Results, config: Config, stack_name: str = "fake") -> str:
         f"RESULT overhead_p95_ms={p95(res.overhead_ms):.2f} bargein_p95_ms={p95(res.bargein_ms):.2f} "
         f"v2v_p50_ms={statistics.median(res.v2v_ms) if res.v2v_ms else float('nan'):.1f} "
         f"v2v_p95_ms={p95(res.v2v_ms):.1f} stack={stack_name}",
+    ]
+    return "\n".join(lines)
+
+
+def semantic_report(res: Results, config: Config, stack_name: str) -> str:
+    """The table of a semantic_vad run: voice-to-voice from the last voiced sample, and where the time went.
+
+    The engine-overhead rows of ``report`` measure from a fixed silence endpoint, which semantic_vad does
+    not have (a turn ends at a pause when the judges agree, sooner or later than any fixed silence).
+    """
+    d = config.duplex
+    level = d.level()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    ended = ", ".join(f"{k} {v}" for k, v in sorted(res.ended_by.items())) or "none"
+    v2v = res.voiced_v2v_ms
+    stage = {key: res.stages.get(key, []) for key in STAGES}
+
+    def p50(values: list[float]) -> str:
+        return f"{statistics.median(values):.0f}" if values else "na"
+
+    lines = [
+        f"duplex benchmark ({stack_name}) on {platform.machine()}, {os.cpu_count()} CPUs, load average {load}, "
+        f"python {platform.python_version()}; semantic_vad (eagerness {d.eagerness}: turn model threshold "
+        f"{level.threshold}, words threshold {level.text_threshold}, pause check {d.pause_check_ms} ms, "
+        f"silence limit {level.max_silence_ms} ms), preemptive reply {d.preemptive_reply}, "
+        f"barge-in {d.barge_in_min_speech_ms} ms, playback delay {config.audio.playback_delay_ms} ms",
+        "",
+        "| metric (ms) | n | p50 | p95 | max |",
+        "| --- | --- | --- | --- | --- |",
+        _row("voice-to-voice (first packet - frame with the last voiced sample)", v2v),
+        _row("voice-to-voice from the VAD's speech end (response.done)", res.v2v_ms),
+        _row("barge-in latency (clear - frame completing min speech)", res.bargein_ms),
+        *[_row(f"stage: {key}", stage[key]) for key in STAGES],
+        "",
+        f"turns ended by: {ended}; replies started preemptively: {res.preemptive} of {len(res.v2v_ms)}",
+        "",
+        f"RESULT v2v_p50_ms={p50(v2v)} v2v_p95_ms={p95(v2v):.0f} bargein_p95_ms={p95(res.bargein_ms):.1f} "
+        f"endpoint_p50_ms={p50(stage['endpoint_ms'])} asr_p50_ms={p50(stage['asr_ms'])} "
+        f"llm_first_token_p50_ms={p50(stage['llm_first_token_ms'])} "
+        f"first_sentence_p50_ms={p50(stage['first_sentence_ms'])} "
+        f"tts_first_audio_p50_ms={p50(stage['tts_first_audio_ms'])} preemptive={res.preemptive}/{len(res.v2v_ms)} "
+        f"turn_detection=semantic_vad stack={stack_name}",
     ]
     return "\n".join(lines)
 
@@ -488,7 +550,7 @@ def main_corpus(quick: bool) -> int:
     pipelines = {}
     for name, config in corpus_configs().items():
         stack = build_stack(config)
-        stack.warmup()
+        warm_up(stack)
         pipelines[name] = (stack, config)
         print(f"{name}: {dict(stack.info)}", flush=True)
     header = _machine_header() + f", torch threads {torch.get_num_threads()}"
@@ -533,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = Config.model_validate({"model": {"stack": name, "temperature": 0.0, "max_new_tokens": 60}})
         stack = build_stack(config)
-        stack.warmup()
+        warm_up(stack)
         res = asyncio.run(run_bench(stack, config, turns=args.turns or 10, speech=spoken_question()))
     print(report(res, config, name))
     return 0
@@ -552,10 +614,35 @@ def _random_production(scale: str, turns: int) -> tuple[Results, Config]:
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     else:
         print(f"device: cpu (no CUDA), torch {torch.__version__}", flush=True)
-    config = Config.model_validate({"model": {"temperature": 0.0, "max_new_tokens": 60}})
+    config = random_production_config()
     stack = random_production_stack("tiny" if scale == "tiny" else "full")
-    stack.warmup()
+    warm_up(stack)
     return asyncio.run(run_bench(stack, config, turns=turns, speech=spoken_question())), config
+
+
+def random_production_config() -> Config:
+    """The default session (semantic_vad, eagerness auto, preemptive replies) for random weights.
+
+    The stack's turn model is the real Smart Turn, so it hears the spoken question as a trained model does;
+    the words judge is the random 7B, whose P(message ends here) means nothing. Its threshold is set to 0:
+    the judge still runs (its forward pass is paid at every pause, as in production), but its verdict is
+    "finished", as a trained model's is for a whole question, so the turn model decides.
+    """
+    medium = Config().duplex.eagerness_medium.model_dump()
+    return Config.model_validate(
+        {
+            "model": {"temperature": 0.0, "max_new_tokens": 60},
+            "duplex": {
+                "turn_detection": "semantic_vad",
+                "eagerness_medium": {**medium, "text_threshold": 0.0},
+            },
+        }
+    )
+
+
+def warm_up(stack: ModelStack) -> None:
+    """Warm the models up on the thread that will serve them (CUDA graphs are recorded per thread)."""
+    device_executor(stack.device).submit(stack.warmup).result()
 
 
 def spoken_question(text: str = "What is the capital of France?") -> np.ndarray:

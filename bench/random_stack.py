@@ -216,13 +216,15 @@ def random_cosyvoice(scale: Scale = "full", device: str = "auto") -> Any:
 def random_production_stack(
     scale: Scale = "full", device: str = "auto", workdir: Path | None = None
 ) -> ModelStack:
-    """Whisper medium + Qwen2.5-7B + CosyVoice2-0.5B with random weights, and Silero VAD, on ``device``.
+    """Whisper medium + Qwen2.5-7B + CosyVoice2-0.5B with random weights, Silero VAD and Smart Turn, on ``device``.
 
     The model folders go to ``workdir`` (a fresh temp folder by default; the full Qwen takes ~15 GB) and
     are removed once loaded.
     """
     from core.audio.vad import SileroVAD, load_silero_session
+    from core.models import embedded
     from core.models.hf_llm import TransformersLLM
+    from core.models.smart_turn import SmartTurn
     from core.models.whisper import WhisperASR
 
     where = str(_build_device(device))
@@ -238,13 +240,17 @@ def random_production_stack(
         shutil.rmtree(tmp, ignore_errors=True)
     tts = random_cosyvoice(scale, where)
     vad_session = load_silero_session()
+    # The real Smart Turn v3.2 (an 8 MB ONNX from its pinned package, as the production stack loads it), so
+    # sessions end turns with semantic_vad: the end-of-turn path the product runs by default.
+    turn = SmartTurn(embedded.source_path(embedded.SMART_TURN_ONNX))
     info = {"stack": f"random-production-{scale}", "asr": asr.name, "llm": llm.name, "tts": tts.name}
     return ModelStack(
         asr=asr,
         llm=llm,
         tts=tts,
         vad_factory=lambda: SileroVAD(vad_session),
+        turn=turn,
         kind="random-production",
         device=where,
-        info={**info, "vad": "silero"},
+        info={**info, "vad": "silero", "turn": turn.name},
     )

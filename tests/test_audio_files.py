@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +120,57 @@ def test_directory_and_empty_file(tmp_path: Path) -> None:
     expect_error("empty", load_audio_bytes, b"")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+NOBODY = 65534
+
+
+def _kind_as_nobody(path: Path) -> str:
+    """``load_audio(path)``'s error kind in a forked child that has dropped root for the ``nobody`` user."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                load_audio(path)
+                outcome = "read"
+            except AudioFileError as exc:
+                outcome = exc.kind
+            os.write(write_end, outcome.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, outcome
+    return outcome
+
+
 def test_unreadable_file(media: dict[str, Path], tmp_path: Path) -> None:
-    locked = tmp_path / "locked.wav"
-    locked.write_bytes(media["wav"].read_bytes())
-    locked.chmod(0)
-    expect_error("unreadable", load_audio, locked)
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked.wav"
+        locked.write_bytes(media["wav"].read_bytes())
+        locked.chmod(0)
+        expect_error("unreadable", load_audio, locked)
+        return
+    # Root reads any file, so the check runs as an unprivileged user (CI runs as root), in a folder that
+    # user may enter, on a file only root may read.
+    folder = Path(tempfile.mkdtemp(prefix="unreadable-"))
+    try:
+        folder.chmod(0o711)
+        locked = folder / "locked.wav"
+        locked.write_bytes(media["wav"].read_bytes())
+        locked.chmod(0o600)
+        assert _kind_as_nobody(locked) == "unreadable"
+        locked.chmod(0o644)
+        assert _kind_as_nobody(locked) == "read"  # the same file, readable: the user and folder were fine
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_corrupt_files(media: dict[str, Path], tmp_path: Path) -> None:

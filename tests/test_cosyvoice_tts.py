@@ -17,7 +17,8 @@ import torch
 
 from core.models.base import OUTPUT_SAMPLE_RATE, TTS
 from core.models.cosyvoice import DEFAULT_VOICE, CosyVoice2TTS, CosyVoiceError
-from core.models.cosyvoice.llm import Sampler
+from core.models.cosyvoice.llm import Sampler, decode_lengths
+from core.models.cosyvoice.streaming import TokenToWave
 from tests.cosyvoice_tiny import MICRO, tiny_folder
 from tests.speech import espeak
 
@@ -113,10 +114,34 @@ def test_cosyvoice_cancel_stops_between_chunks(tts: CosyVoice2TTS, monkeypatch: 
     assert script.taken < 60  # the token stream stopped right after the first chunk, not at 400
 
 
-def test_cosyvoice_cancel_stops_the_real_lm(tts: CosyVoice2TTS) -> None:
+LONG_TEXT = "This sentence has enough words to keep the speech token model busy for a while."
+
+
+def _counting_lm_steps(tts: CosyVoice2TTS, monkeypatch: pytest.MonkeyPatch, on_step=None) -> list[int]:
+    """Count the speech-token LM's decode steps (``on_step(n)`` after the n-th, before it runs)."""
+    steps: list[int] = []
+    real_step = tts.modules.lm.step
+
+    def step(embeds: torch.Tensor, cache: object) -> object:
+        steps.append(len(steps) + 1)
+        if on_step is not None:
+            on_step(len(steps))
+        return real_step(embeds, cache)
+
+    monkeypatch.setattr(tts.modules.lm, "step", step)
+    return steps
+
+
+def test_cosyvoice_cancel_stops_the_real_lm(tts: CosyVoice2TTS, monkeypatch: pytest.MonkeyPatch) -> None:
     cancel = threading.Event()
-    cancel.set()
-    assert list(tts.synthesize("This will not be spoken.", cancel=cancel)) == []
+    # The user barges in while the LM decodes its 5th token, long before the first chunk (25 tokens).
+    steps = _counting_lm_steps(tts, monkeypatch, lambda n: cancel.set() if n == 5 else None)
+    assert list(tts.synthesize(LONG_TEXT, cancel=cancel)) == []
+    assert len(steps) == 5  # not one step after the cancel
+    min_len, _ = decode_lengths(len(tts.tokenizer.encode(LONG_TEXT)), tts.modules.config.lm)
+    steps.clear()
+    assert list(tts.synthesize(LONG_TEXT))  # uncancelled, the same text runs on and is spoken
+    assert len(steps) >= min_len > 25
 
 
 def test_cosyvoice_requests_do_not_share_state(tts: CosyVoice2TTS) -> None:
@@ -210,5 +235,20 @@ def test_cosyvoice_long_text_is_spoken_in_pieces(tts: CosyVoice2TTS, monkeypatch
     assert all(len(a) == 5 * SAMPLES_PER_TOKEN for a in audio)
 
 
-def test_cosyvoice_warmup_runs(tts: CosyVoice2TTS) -> None:
+def test_cosyvoice_warmup_runs_the_lm_the_flow_and_the_vocoder(
+    tts: CosyVoice2TTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = _counting_lm_steps(tts, monkeypatch)
+    samples: list[int] = []
+    real_chunk = TokenToWave.chunk
+
+    def chunk(self: TokenToWave, *args: object, **kwargs: object) -> torch.Tensor:
+        out = real_chunk(self, *args, **kwargs)  # type: ignore[arg-type]
+        samples.append(out.numel())
+        return out
+
+    monkeypatch.setattr(TokenToWave, "chunk", chunk)
     tts.warmup()
+    min_len, _ = decode_lengths(len(tts.tokenizer.encode("Hello, this is a warm-up.")), tts.modules.config.lm)
+    assert len(steps) >= min_len > 0  # the LM decoded the phrase
+    assert samples and sum(samples) > 0  # and the flow and the vocoder turned it into audio

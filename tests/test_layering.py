@@ -18,6 +18,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "core.config":              (),
     "core.protocol":            ("core.config",),
     "core.web":                 ("core.protocol",),
+    "core.gpu_ids":             (),
     "core.audio":               ("core.config", "core.protocol"),
     "core.storage":             ("core.config", "core.protocol", "core.audio"),
     "core.models":              ("core.config", "core.protocol", "core.audio"),
@@ -36,7 +37,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
                                  "core.api"),
     # a worker process
     "core.worker":              ("core.config", "core.protocol", "core.web", "core.audio", "core.storage",
-                                 "core.models", "core.session", "core.api.realtime_events"),
+                                 "core.models", "core.session", "core.api.realtime_events", "core.gpu_ids"),
     "gateway":                  ("core.config", "core.gateway.app"),
     "worker":                   ("core.distill.cli", "core.worker.cli"),
 }  # fmt: skip

@@ -38,7 +38,7 @@ def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(smollm_dir: Path) -> TransformersLLM:
-    return TransformersLLM(smollm_dir, greedy=True)
+    return TransformersLLM(smollm_dir, greedy=True, device="cpu")  # CPU expectations, GPU host or not
 
 
 # --- the converted folder -------------------------------------------------------------------------------
@@ -433,7 +433,7 @@ def test_a_failed_forward_pass_forgets_the_cache(tiny_dir: Path, monkeypatch: py
 
 
 def test_smollm_reuse_gives_the_replies_of_a_fresh_cache(llm: TransformersLLM) -> None:
-    reference = TransformersLLM(llm.model.name_or_path, greedy=True, prefix_cache=False)
+    reference = TransformersLLM(llm.model.name_or_path, greedy=True, device="cpu", prefix_cache=False)
     for i, (got, want) in enumerate(_conversation_replies(llm, reference, n=6)):
         assert got == want, f"turn {i}"
 
@@ -449,7 +449,7 @@ def test_a_bf16_checkpoint_runs_in_bf16_on_the_cpu(smollm_dir: Path, llm: Transf
     assert json.loads((smollm_dir / "config.json").read_text())["dtype"] == "bfloat16"
     assert llm.dtype == torch.bfloat16
     assert llm.packed_layers == 7 * llm.model.config.num_hidden_layers + 1  # and the LM head
-    fp32 = TransformersLLM(smollm_dir, greedy=True, dtype="float32")
+    fp32 = TransformersLLM(smollm_dir, greedy=True, device="cpu", dtype="float32")
     assert fp32.dtype == torch.float32 and fp32.packed_layers == 0
     assert "Paris" in "".join(fp32.stream(FRANCE, max_new_tokens=20))
 

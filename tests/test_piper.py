@@ -227,7 +227,7 @@ def test_each_chunk_is_plain_text_with_its_clause_marks() -> None:
 def test_whisper_understands_piper(tts) -> None:
     from core.models.whisper import WhisperASR
 
-    asr = WhisperASR(WHISPER_DIR)
+    asr = WhisperASR(WHISPER_DIR, device="cpu", dtype="float32")
     audio = np.concatenate(list(tts.synthesize(SENTENCE)))
     audio16 = soxr.resample(audio, OUTPUT_SAMPLE_RATE, 16_000).astype(np.float32)
     text = asr.transcribe(audio16, language="en").text

@@ -63,7 +63,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                     "log_dir": str(tmp / "logs"),
                     "data_dir": str(tmp / "data"),
                     "health_interval_s": 0.5,
-                }
+                },
+                # The embedded CPU stack even where nvidia-smi answers: a GPU host must not start the
+                # production stack (and download its checkpoints) inside this test.
+                "model": {"stack": "embedded"},
             }
         )
     )
@@ -71,6 +74,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     try:
         out = _start_all("--config", str(cfg))
         assert out.returncode == 0, out.stdout + out.stderr
+        assert "model.stack is embedded: 1 CPU worker(s)" in out.stdout
         yield Deployment(f"127.0.0.1:{gw_port}", tmp / "logs", cfg, out.stdout)
     finally:
         _start_all("--stop", "--config", str(cfg), timeout=120)

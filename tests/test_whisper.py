@@ -215,7 +215,7 @@ def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def asr(whisper_dir: Path) -> WhisperASR:
-    return WhisperASR(whisper_dir)
+    return WhisperASR(whisper_dir, device="cpu", dtype="float32")  # CPU expectations, GPU host or not
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,7 @@ def test_bad_input_is_a_clear_error(asr: WhisperASR) -> None:
     with pytest.raises(ASRError, match="unknown language"):
         asr.transcribe(np.zeros(RATE, np.float32), language="klingon")
     with pytest.raises(ASRError, match="cannot load"):
-        WhisperASR(BUILT.parent / "no-such-model")
+        WhisperASR(BUILT.parent / "no-such-model", device="cpu")
 
 
 def test_repetition_guards() -> None:

@@ -225,7 +225,7 @@ def cosyvoice_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sf.write(ref, espeak("This is the voice I would like you to use."), 16_000)
     port = free_port()
     proc = start_worker(
-        port, "fake", log_dir, extra_config={"model": {"tts": "cosyvoice2", "tts_path": str(folder)},
+        port, "fake", log_dir, extra_config={"model": {"tts": "cosyvoice2", "tts_path": str(folder), "device": "cpu"},
                                              "audio": {"ref_audio_path": str(ref)}}
     )  # fmt: skip
     try:

@@ -158,3 +158,31 @@ def build_tiny_qwen2(out_dir: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     build_qwen_tokenizer().save_pretrained(out_dir)  # type: ignore[attr-defined]
     return out_dir
+
+
+def build_tiny_whisper(out_dir: Path, processor_dir: Path, *, seed: int = 0) -> Path:
+    """A random two-layer Whisper (width 64) with the tokenizer, features and generation config of ``processor_dir``.
+
+    The vocabulary and special tokens are the real ones, so language detection and generation run the
+    production code paths; only the weights are random (the text is gibberish).
+    """
+    import shutil
+
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = WhisperConfig.from_pretrained(processor_dir)
+    for name, value in {
+        "d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    }.items():  # fmt: skip
+        setattr(config, name, value)
+    config.dtype = torch.float32
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig.from_pretrained(processor_dir)
+    model.save_pretrained(out_dir)
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(Path(processor_dir) / name, out_dir / name)
+    return out_dir

@@ -6,6 +6,9 @@ one they raise ``DeviceError``.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,3 +61,22 @@ def resolve_attention(attn_implementation: str, device: torch.device, dtype: tor
 
     half = dtype in (torch.float16, torch.bfloat16)
     return "flash_attention_2" if device.type == "cuda" and half and is_flash_attn_2_available() else "sdpa"
+
+
+def load_placement(device: torch.device) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that put a checkpoint's weights straight onto ``device``.
+
+    On a GPU, accelerate's ``device_map`` writes each tensor into GPU memory as it is read, so a 7B
+    checkpoint never sits whole in host memory (nor pays a second copy). On the CPU the default load is
+    already in place. accelerate is a pinned dependency; without it the weights pass through the CPU.
+    """
+    if device.type != "cuda":
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        logging.getLogger("models").warning(
+            "accelerate is not installed: weights load through host memory (bash install.sh installs it)"
+        )
+        return {}
+    return {"device_map": str(device)}

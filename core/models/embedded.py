@@ -34,6 +34,8 @@ class SourceFile:
     module: str  # top-level import name
     relpath: str
     sha256: str
+    #: The pinned version; empty for the embedded set's packages, which ``PACKAGE_VERSIONS`` pins.
+    version: str = ""
 
 
 PACKAGE_VERSIONS = {
@@ -138,9 +140,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_version(package: str) -> None:
-    """Fail clearly when an installed model package is not the pinned version."""
-    want = PACKAGE_VERSIONS[package]
+def check_version(package: str, want: str | None = None) -> None:
+    """Fail clearly when an installed model package is not the pinned version (``want``, else its pin here)."""
+    want = want or PACKAGE_VERSIONS[package]
     try:
         have = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -151,7 +153,7 @@ def check_version(package: str) -> None:
 
 def source_path(src: SourceFile, *, verify: bool = True) -> Path:
     """The path of a pinned source file; with ``verify``, its version and sha256 are checked first."""
-    check_version(src.package)
+    check_version(src.package, src.version or None)
     path = package_dir(src.module) / src.relpath
     if not path.is_file():
         raise EmbeddedModelError(f"{src.package}: {src.relpath} is missing from the installed package")

@@ -28,7 +28,6 @@ OpenMP threads wait on each other whenever the other core is busy, and a token t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 
 from core.models.base import CancelToken, ChatMessage, NeverCancel
-from core.models.device import resolve_attention, resolve_device, resolve_dtype
+from core.models.device import load_placement, resolve_attention, resolve_device, resolve_dtype
 from core.models.llm_text import (
     LLMError,
     TextDeltas,
@@ -158,10 +157,6 @@ def _pack_linears(model: torch.nn.Module) -> int:
     return len(swaps)
 
 
-def _has_accelerate() -> bool:
-    return importlib.util.find_spec("accelerate") is not None
-
-
 class TransformersLLM:
     """A chat LLM from a hub id or a local transformers folder, streaming its reply token by token.
 
@@ -202,10 +197,8 @@ class TransformersLLM:
         self.attn_implementation = resolve_attention(attn_implementation, self.device, self.dtype)
         self.sampling = Sampling(temperature=temperature, top_p=top_p, greedy=greedy)
         self.name = name or f"transformers:{Path(str(path)).name or path}"
-        # Straight onto the GPU needs accelerate's device_map; without it the weights pass through CPU memory.
-        placement = (
-            {"device_map": str(self.device)} if _has_accelerate() and self.device.type == "cuda" else {}
-        )
+        # Straight onto the GPU (accelerate's device_map); without it the weights pass through CPU memory.
+        placement = load_placement(self.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             self.model = AutoModelForCausalLM.from_pretrained(

@@ -29,9 +29,17 @@ def resolve_stack_name(model: ModelConfig) -> str:
     return "production" if has_cuda() else "embedded"
 
 
-def _device(model: ModelConfig) -> str:
+def _device(model: ModelConfig, stack_name: str | None = None) -> str:
+    """The device for a config; ``auto`` is the CPU for the embedded stack, which is built for one.
+
+    The embedded set (CTranslate2 int8 engines, SmolLM2, Piper) is the stack for machines without a GPU;
+    on a GPU host it is asked for explicitly (tests, ``--stack embedded``) and must behave as it does on
+    a CPU, not turn into a transformers stack in bf16.
+    """
     if model.device != "auto":
         return model.device
+    if (stack_name or resolve_stack_name(model)) == "embedded":
+        return "cpu"
     return "cuda" if has_cuda() else "cpu"
 
 
@@ -53,6 +61,8 @@ def _tts(config: Config, default: str, piper_paths: tuple[Path, Path] | None) ->
             config.model.tts_path,
             device=_device(config.model),
             ref_audio_path=config.audio.ref_audio_path,
+            dtype=config.model.dtype,
+            compile=config.model.compile,
         )
     from core.models.piper import PiperTTS
 
@@ -61,10 +71,42 @@ def _tts(config: Config, default: str, piper_paths: tuple[Path, Path] | None) ->
     return PiperTTS(piper_paths[0], piper_paths[1])
 
 
-def _production_tts_default() -> str:
-    import importlib.util
+def cosyvoice2_missing(model: ModelConfig) -> str | None:
+    """Why CosyVoice2 cannot serve this config (None when it can): what ``tts: auto`` falls back on.
 
-    return "cosyvoice2" if importlib.util.find_spec("core.models.cosyvoice") else "piper"
+    It can when its backend imports (its own dependencies, such as PyYAML, are there) and ``tts_path`` is a
+    local folder holding every file of the model, or a hub id that can still be fetched (cached, or the hub
+    not switched off with ``HF_HUB_OFFLINE``).
+    """
+    import os
+
+    try:
+        from core.models.cosyvoice.loader import REQUIRED_FILES, is_hub_id
+    except ImportError as exc:
+        return f"its backend does not import ({exc})"
+    path = Path(model.tts_path).expanduser()
+    if path.is_dir():
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        return f"{path} lacks {', '.join(missing)}" if missing else None
+    text = model.tts_path
+    if not is_hub_id(text) or text.startswith("~"):
+        return f"no CosyVoice2 folder at {path}"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(text, local_files_only=True)
+        except Exception as exc:  # not cached (or no hub client): nothing to load offline
+            return f"{text} is not in the local hub cache and HF_HUB_OFFLINE is set ({type(exc).__name__})"
+    return None
+
+
+def _production_tts_default(model: ModelConfig) -> str:
+    missing = cosyvoice2_missing(model)
+    if missing is None:
+        return "cosyvoice2"
+    log.warning("CosyVoice2 is not installed (%s): tts auto uses Piper", missing)
+    return "piper"
 
 
 def _asr_path(config: Config, name: str) -> str:
@@ -84,7 +126,9 @@ def asr_engine(model: ModelConfig, stack_name: str) -> str:
     """
     if model.asr_engine != "auto":
         return model.asr_engine
-    return "ctranslate2" if stack_name == "embedded" and _device(model) == "cpu" else "transformers"
+    return (
+        "ctranslate2" if stack_name == "embedded" and _device(model, stack_name) == "cpu" else "transformers"
+    )
 
 
 def llm_engine(model: ModelConfig, stack_name: str) -> str:
@@ -95,7 +139,9 @@ def llm_engine(model: ModelConfig, stack_name: str) -> str:
     """
     if model.llm_engine != "auto":
         return model.llm_engine
-    return "ctranslate2" if stack_name == "embedded" and _device(model) == "cpu" else "transformers"
+    return (
+        "ctranslate2" if stack_name == "embedded" and _device(model, stack_name) == "cpu" else "transformers"
+    )
 
 
 def _build_llm(config: Config, name: str) -> LLM:
@@ -208,7 +254,7 @@ def build_stack(config: Config) -> ModelStack:
         tts = _tts(config, "piper", piper)
     else:
         vad_session = load_silero_session()
-        tts = _tts(config, _production_tts_default(), None)
+        tts = _tts(config, _production_tts_default(m), None)
     asr = _build_asr(config, name)
     turn = _turn_model(config)
     llm = _build_llm(config, name)

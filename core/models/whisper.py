@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from core.models.base import INPUT_SAMPLE_RATE, Segment, Transcript
-from core.models.device import resolve_attention, resolve_device, resolve_dtype
+from core.models.device import load_placement, resolve_attention, resolve_device, resolve_dtype
 
 #: Longest clip one Whisper window holds.
 MAX_CLIP_S = 30.0
@@ -187,14 +187,15 @@ class WhisperASR:
         local = Path(str(path)).expanduser()
         if (local.is_absolute() or str(path).startswith(".")) and not local.is_dir():
             raise ASRError(f"cannot load Whisper from '{path}': no such folder")  # not a hub id: fail fast
+        placement = load_placement(self.device)  # straight onto the GPU, not through host memory
         try:
             self.processor = WhisperProcessor.from_pretrained(str(path))
             model: Any = WhisperForConditionalGeneration.from_pretrained(
-                str(path), dtype=self.dtype, attn_implementation=self.attn_implementation
+                str(path), dtype=self.dtype, attn_implementation=self.attn_implementation, **placement
             )
         except (OSError, ValueError, ImportError) as exc:
             raise ASRError(f"cannot load Whisper from '{path}': {exc}") from exc
-        self.model = model.to(self.device).eval()
+        self.model = (model if placement else model.to(self.device)).eval()
         # The encoder sees one fixed shape (batch, mels, 3000), which suits torch.compile; generate's
         # decoder loop keeps eager mode.
         self._encoder = torch.compile(self.model.model.encoder) if compile else self.model.model.encoder

@@ -112,7 +112,9 @@ def _load(state: WorkerState, build: Callable[[], ModelStack], voices: RefAudioR
         t0 = time.monotonic()
         stack = build()
         connect_voices(stack.tts, voices)
-        stack.warmup()
+        # On the thread that will serve: CUDA graphs captured in warm-up are per thread, and would be
+        # recorded again on the first real turn if captured here.
+        state.executor.submit(stack.warmup).result()
         state.stack = stack
         state.status = "idle"
         log.info("models ready in %.1f s: %s", time.monotonic() - t0, stack.info)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from core.config import Config, ConfigError, load_config
+from core.gpu_ids import parse_gpu_id
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -20,7 +21,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0,
         help="N: listens on worker_base_port+N, logs to tmp/worker_N.log",
     )
-    p.add_argument("--gpu-id", type=int, default=None, help="GPU to use (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument(
+        "--gpu-id",
+        type=parse_gpu_id,
+        default=None,
+        help="GPU to use: an index, GPU-<uuid> or MIG-<uuid> (sets CUDA_VISIBLE_DEVICES)",
+    )
     p.add_argument("--port", type=int, default=None, help="override the port")
     p.add_argument("--host", default=None, help="bind address (default service.worker_host, 127.0.0.1)")
     p.add_argument("--stack", choices=["auto", "embedded", "production", "fake"], default=None)
@@ -44,7 +50,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.gpu_id is not None:
         # One GPU per process: hide the others before torch is imported.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu_id)
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # indices as nvidia-smi numbers them
     try:
         config: Config = load_config(
             args.config,

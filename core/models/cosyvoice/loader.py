@@ -46,13 +46,18 @@ REQUIRED_FILES = (
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a hub id (``owner/name``) rather than a local path."""
+    return bool(_HUB_ID.fullmatch(text)) and not text.startswith((".", "/"))
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A local CosyVoice2 folder for ``path``: the directory itself, or a hub snapshot of an id."""
     p = Path(path).expanduser()
     if p.is_dir():
         return p
     text = str(path)
-    if _HUB_ID.fullmatch(text) and not text.startswith((".", "/")):
+    if is_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
         except ImportError as exc:
