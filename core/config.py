@@ -68,6 +68,9 @@ class ServiceConfig(_Section):
     worker_base_port: int = Field(22400, ge=1, le=65535)
     http: bool = False  # serve plain HTTP instead of HTTPS
     api_key: str | None = None
+    # Shared by the gateway and its workers (see core/worker_auth.py); None: DUPLEX_WORKER_SECRET, else the
+    # file data_dir/worker_secret made on first start. Set the same value on every host of a cluster.
+    worker_secret: str | None = None
     max_queue_size: int = Field(1000, ge=1, le=1_000_000)
     request_timeout: float = Field(300.0, gt=0)
     queue_update_interval_s: float = Field(3.0, gt=0, le=60)

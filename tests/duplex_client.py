@@ -98,7 +98,9 @@ def start_worker(
     config: dict[str, Any] = {"service": {"log_dir": str(log_dir), "data_dir": str(log_dir / "data")}}
     config.update(extra_config or {})
     cfg.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from tests.services import WORKER_SECRET
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DUPLEX_WORKER_SECRET": WORKER_SECRET}
     return subprocess.Popen(
         [sys.executable, "worker.py", "--worker-index", "0", "--port", str(port), "--stack", stack,
          "--config", str(cfg), *extra],
@@ -132,8 +134,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def open_session(url: str) -> tuple[ClientConnection, Received, asyncio.Task[None]]:
-    """Connect, start collecting, and wait for ``session.created``."""
-    ws = await connect(url, max_size=None, open_timeout=30)
+    """Connect, start collecting, and wait for ``session.created`` (the worker secret goes along: a gateway
+    ignores it, a worker needs it)."""
+    from tests.services import WORKER_HEADERS
+
+    ws = await connect(url, max_size=None, open_timeout=30, additional_headers=WORKER_HEADERS)
     got = Received()
     task = asyncio.create_task(reader(ws, got))
     await wait_for(got, "session.created", 30)

@@ -15,8 +15,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: The worker secret the test gateways and workers share (core/worker_auth.py); a test that calls a worker
+#: directly sends ``WORKER_HEADERS``.
+WORKER_SECRET = "test-worker-secret-0123456789abcdef"
+WORKER_HEADERS = {"X-Worker-Secret": WORKER_SECRET}
+
+
 def _spawn(script: str, args: list[str], err: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DUPLEX_WORKER_SECRET": WORKER_SECRET}
     env.pop("DUPLEX_API_KEY", None)
     return subprocess.Popen(
         [sys.executable, str(ROOT / script), *args],

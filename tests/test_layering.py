@@ -19,6 +19,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "core.protocol":            ("core.config",),
     "core.web":                 ("core.protocol",),
     "core.gpu_ids":             (),
+    "core.worker_auth":         ("core.config", "core.protocol", "core.storage"),
     "core.audio":               ("core.config", "core.protocol"),
     "core.storage":             ("core.config", "core.protocol", "core.audio"),
     "core.models":              ("core.config", "core.protocol", "core.audio"),
@@ -29,15 +30,17 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
                                  "core.models.registry"),
     "core.launch":              (),
     # the gateway process: its machinery, then the public APIs built on it, then the app that wires both
-    "core.gateway":             ("core.config", "core.protocol", "core.web", "core.storage", "core.scheduling"),
+    "core.gateway":             ("core.config", "core.protocol", "core.web", "core.storage", "core.scheduling",
+                                 "core.worker_auth"),
     "core.api":                 ("core.config", "core.protocol", "core.web", "core.storage", "core.scheduling",
                                  "core.gateway"),
     "core.api.realtime_events": ("core.protocol",),  # pure event mapping, shared with the workers
     "core.gateway.app":         ("core.config", "core.protocol", "core.web", "core.scheduling", "core.gateway",
-                                 "core.api"),
+                                 "core.api", "core.worker_auth"),
     # a worker process
     "core.worker":              ("core.config", "core.protocol", "core.web", "core.audio", "core.storage",
-                                 "core.models", "core.session", "core.api.realtime_events", "core.gpu_ids"),
+                                 "core.models", "core.session", "core.api.realtime_events", "core.gpu_ids",
+                                 "core.worker_auth"),
     "gateway":                  ("core.config", "core.gateway.app"),
     "worker":                   ("core.distill.cli", "core.worker.cli"),
 }  # fmt: skip

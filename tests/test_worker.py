@@ -27,6 +27,7 @@ from tests.duplex_client import (
     wait_for,
     wait_healthy,
 )
+from tests.services import WORKER_HEADERS
 from tests.speech import espeak, with_silence
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,10 +61,10 @@ async def test_second_concurrent_session_gets_busy(fake_worker: str) -> None:
     ws, _got, task = await open_session(f"ws://{fake_worker}/ws/duplex")
     try:
         assert httpx.get(f"http://{fake_worker}/health").json()["status"] == "busy"
-        async with connect(f"ws://{fake_worker}/ws/duplex") as second:
+        async with connect(f"ws://{fake_worker}/ws/duplex", additional_headers=WORKER_HEADERS) as second:
             event = json.loads(await asyncio.wait_for(second.recv(), 10))
             assert event["type"] == "error" and event["code"] == "busy"
-        r = httpx.post(f"http://{fake_worker}/v1/chat", json={"text": "hi"})
+        r = httpx.post(f"http://{fake_worker}/v1/chat", json={"text": "hi"}, headers=WORKER_HEADERS)
         assert r.status_code == 409 and r.json()["error"]["code"] == "busy"
     finally:
         await ws.close()
@@ -100,7 +101,7 @@ async def test_bad_input_gets_errors_and_the_session_survives(fake_worker: str) 
 
 def test_http_chat_and_transcribe_errors_are_clear_json(fake_worker: str) -> None:
     base = f"http://{fake_worker}"
-    ok = httpx.post(f"{base}/v1/chat", json={"text": "hello"}, timeout=30).json()
+    ok = httpx.post(f"{base}/v1/chat", json={"text": "hello"}, timeout=30, headers=WORKER_HEADERS).json()
     assert ok["text"].startswith("Hello!") and ok["audio_s"] > 0.5
     cases = [
         ({"json": {"audio_packets_b64": "!!!"}}, 400, "bad_audio"),
@@ -111,7 +112,7 @@ def test_http_chat_and_transcribe_errors_are_clear_json(fake_worker: str) -> Non
         ({"files": {"file": ("x.txt", b"hello", "text/plain")}}, 400, "bad_audio"),
     ]
     for kwargs, status, code in cases:
-        r = httpx.post(f"{base}/v1/transcribe", timeout=30, **kwargs)  # type: ignore[arg-type]
+        r = httpx.post(f"{base}/v1/transcribe", timeout=30, headers=WORKER_HEADERS, **kwargs)  # type: ignore[arg-type]
         assert r.status_code == status, (kwargs, r.text)
         assert r.json()["error"]["code"] == code
     assert httpx.get(f"{base}/health").json()["status"] == "idle"
@@ -200,12 +201,18 @@ def test_http_transcribe_and_chat_with_real_models(embedded_worker: str) -> None
     buf = io.BytesIO()
     sf.write(buf, speech, 16_000, format="WAV")
     r = httpx.post(
-        f"{base}/v1/transcribe", files={"file": ("q.wav", buf.getvalue(), "audio/wav")}, timeout=120
+        f"{base}/v1/transcribe",
+        files={"file": ("q.wav", buf.getvalue(), "audio/wav")},
+        timeout=120,
+        headers=WORKER_HEADERS,
     )
     assert r.status_code == 200, r.text
     assert "capital" in r.json()["text"].lower()
     r = httpx.post(
-        f"{base}/v1/chat", json={"audio_packets_b64": packets_to_b64(encode_16k(speech))}, timeout=180
+        f"{base}/v1/chat",
+        json={"audio_packets_b64": packets_to_b64(encode_16k(speech))},
+        timeout=180,
+        headers=WORKER_HEADERS,
     )
     assert r.status_code == 200, r.text
     body = r.json()

@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core import worker_auth
 from core.api.jobs import JobService
 from core.api.openai_compat import openai_routes
 from core.api.realtime import REALTIME
@@ -290,6 +291,7 @@ def create_app(
         pool=pool,
         metrics=metrics,
         api_key=resolve_api_key(service.api_key),
+        worker_headers=worker_auth.headers(worker_auth.resolve_worker_secret(service)),
         static_dir=Path(static_dir) if static_dir is not None else ROOT / "static",
         tls=tls,
     )
@@ -297,7 +299,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        state.http = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_keepalive_connections=32))
+        state.http = httpx.AsyncClient(
+            trust_env=False, limits=httpx.Limits(max_keepalive_connections=32), headers=state.worker_headers
+        )
         state.tasks = [asyncio.create_task(_health_loop(state)), asyncio.create_task(_tick_loop(state))]
         await jobs.start()
         log.info(

@@ -196,6 +196,7 @@ async def _wait_for_worker(
             max_size=dialect.worker_max_size,
             first_frame_timeout_s=FIRST_FRAME_TIMEOUT_S,
             error_code=dialect.worker_error_code,
+            headers=state.worker_headers,
         )
 
     reader = asyncio.create_task(_hold_client(ws, held, ticket))

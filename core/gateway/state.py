@@ -24,6 +24,8 @@ class GatewayState:
     api_key: str | None
     static_dir: Path
     tls: bool = False
+    #: Sent with every request and WebSocket handshake to a worker (the shared secret, core/worker_auth.py).
+    worker_headers: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     http: httpx.AsyncClient | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)

@@ -44,6 +44,7 @@ async def open_worker_socket(
     max_size: int,
     first_frame_timeout_s: float,
     error_code: Callable[[str | bytes], str | None],
+    headers: dict[str, str] | None = None,
 ) -> Connected:
     """Open a worker's WebSocket at ``url`` and read its first frame; a ``busy`` worker is retried briefly.
 
@@ -54,6 +55,7 @@ async def open_worker_socket(
         try:
             conn = await websockets.connect(
                 url,
+                additional_headers=headers,
                 open_timeout=CONNECT_TIMEOUT_S,
                 close_timeout=1.0,
                 compression=None,

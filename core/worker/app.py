@@ -43,6 +43,7 @@ from core.storage.ref_audio import RefAudioRegistry
 from core.worker.realtime import realtime_router
 from core.worker.ref_audio_routes import build_ref_audio_router, connect_voices
 from core.worker.speech_routes import speech_router
+from core.worker_auth import WorkerSecretMiddleware, resolve_worker_secret
 
 log = logging.getLogger("worker")
 
@@ -261,6 +262,8 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
         yield
 
     app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # Every route but /health serves the gateway only (core/worker_auth.py).
+    app.add_middleware(WorkerSecretMiddleware, secret=resolve_worker_secret(config.service))
     app.state.worker = state
     app.include_router(
         build_ref_audio_router(
