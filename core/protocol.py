@@ -8,6 +8,7 @@ docs/PROTOCOL.md is generated from this module (``python -m core.protocol``) and
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -365,12 +366,63 @@ class ProtocolError(ValueError):
         return ErrorEvent(code=self.code, message=self.message)
 
 
+#: Deepest nesting any JSON input may have. Our events and API bodies need 5; a client's chat message content
+#: or tool schema a little more. Deeper input is refused before the parser recurses into it.
+MAX_JSON_DEPTH = 64
+_JSON_SPECIAL = re.compile(r'[\[\]{}"]')
+
+
+class JSONTooDeep(ValueError):
+    """JSON nested deeper than ``MAX_JSON_DEPTH``."""
+
+
+def json_depth(text: str) -> int:
+    """How deeply ``text``'s arrays and objects nest (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = False
+    for match in _JSON_SPECIAL.finditer(text):
+        c = match.group()
+        if c == '"':
+            if not _escaped(text, match.start()):
+                in_string = not in_string
+        elif in_string:
+            continue
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _escaped(text: str, i: int) -> bool:
+    """Whether the character at ``i`` is escaped (an odd run of backslashes before it)."""
+    n = 0
+    while i - n - 1 >= 0 and text[i - n - 1] == "\\":
+        n += 1
+    return n % 2 == 1
+
+
+def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with a nesting bound: raises ``JSONTooDeep`` (a ``ValueError``) past ``max_depth``.
+
+    Every JSON input from a client or a peer goes through here: the standard parser recurses once per level
+    and a few thousand levels end in ``RecursionError``, which no handler expects. Counting brackets first
+    costs nothing when there are few of them (most bodies, even megabytes of base64 audio).
+    """
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("utf-8")
+    if text.count("[") + text.count("{") > max_depth and json_depth(text) > max_depth:
+        raise JSONTooDeep(f"JSON nested deeper than {max_depth} levels")
+    return json.loads(text)
+
+
 def _loads(text: str | bytes) -> dict[str, Any]:
     if len(text) > MAX_TEXT_FRAME_BYTES:
         raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, f"text frame over {MAX_TEXT_FRAME_BYTES} bytes")
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = parse_json(text)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(
             ErrorCode.BAD_JSON, f"not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}"
         ) from None

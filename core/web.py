@@ -7,6 +7,7 @@ Starlette only: no audio or model library, so the gateway may import it.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,74 @@ from core.protocol import ErrorCode
 
 #: Multipart overhead allowed on top of the file size limit.
 FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+def body_limit(max_upload_mb: float) -> int:
+    """The largest request body either process reads: an upload in base64 JSON (4/3 the bytes) and a margin."""
+    return int(max_upload_mb * 1024 * 1024 * 1.4) + FORM_OVERHEAD_BYTES
+
+
+class BodyLimit:
+    """Pure ASGI middleware: no HTTP request body is read past ``max_bytes``, chunked or not.
+
+    A declared ``Content-Length`` over the limit is refused before a byte is read. A body that runs past it
+    while being read (chunked, or a lying header) is refused at that moment: the client gets 413, the app
+    sees the client leave (``http.disconnect``) and whatever it answers after that is dropped. Handlers'
+    own limits stay (they give the precise message); this one holds for every route, present and future.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen, started, refused = 0, False, False
+
+        async def limited() -> Any:
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 is the answer
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except Exception:
+            if not refused:
+                raise  # the app's own failure; ours (the client "left") needs no log
+
+    async def _refuse(self, send: Send) -> None:
+        message = f"the request body is over {self.max_bytes} bytes"
+        body = json.dumps({"error": {"code": ErrorCode.PAYLOAD_TOO_LARGE.value, "message": message}}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:

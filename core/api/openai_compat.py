@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 
 from core.api.jobs import parse_language
 from core.gateway.worker_calls import CallFailed, kind_or, take_ticket, worker_response
-from core.protocol import ErrorCode
+from core.protocol import ErrorCode, parse_json
 from core.storage.jobs import UnsupportedFormat, detect_format
 from core.web import ClosingStream, UploadError, read_upload, unless_disconnected
 
@@ -202,7 +202,7 @@ def _validation_error(exc: ValidationError) -> JSONResponse:
 
 async def _json_body(request: Request) -> Any:
     try:
-        return json.loads(await request.body() or b"null")
+        return parse_json(await request.body() or b"null")
     except ValueError:
         return None
 

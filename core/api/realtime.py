@@ -24,7 +24,7 @@ from typing import Any
 
 from core.api.realtime_events import realtime_error
 from core.gateway.session import Dialect
-from core.protocol import ErrorCode
+from core.protocol import ErrorCode, parse_json
 
 HELD_FRAMES = 256
 HELD_BYTES = 1 << 20  # about 8 s of base64 pcm16 at 24 kHz
@@ -47,7 +47,7 @@ def worker_error_code(frame: str | bytes) -> str | None:
     if not isinstance(frame, str) or '"error"' not in frame:
         return None
     try:
-        event: Any = json.loads(frame)
+        event: Any = parse_json(frame)
     except ValueError:
         return None
     if (

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from core.protocol import ErrorCode, SessionSettings, SessionUpdate, dump_event
+from core.protocol import ErrorCode, JSONTooDeep, SessionSettings, SessionUpdate, dump_event, parse_json
 
 REALTIME_RATE = 24_000
 PCM_FORMAT = {"type": "audio/pcm", "rate": REALTIME_RATE}
@@ -139,7 +139,10 @@ class RealtimeTranslator:
         """Translate one client text frame; problems become ``error`` replies, never exceptions."""
         actions = ClientActions()
         try:
-            event = json.loads(text)
+            event = parse_json(text)
+        except JSONTooDeep as exc:
+            actions.to_client.append(self._stamp(realtime_error(ErrorCode.BAD_JSON.value, str(exc))))
+            return actions
         except ValueError:
             actions.to_client.append(self._stamp(realtime_error(ErrorCode.BAD_JSON.value, "not valid JSON")))
             return actions

@@ -49,9 +49,10 @@ from core.gateway.metrics import GatewayMetrics
 from core.gateway.queue_updates import ServerSendTap
 from core.gateway.session import session_route
 from core.gateway.state import GatewayState
-from core.protocol import ErrorCode
+from core.protocol import ErrorCode, parse_json
 from core.scheduling.eta import DurationModel, EtaSettings, EtaSettingsError
 from core.scheduling.pool import Pool, Worker
+from core.web import BodyLimit, body_limit
 
 log = logging.getLogger("gateway")
 
@@ -160,7 +161,8 @@ async def _tick_loop(state: GatewayState) -> None:
 class EtaUpdate(BaseModel):
     """Body of ``PUT /api/config/eta``: any subset; ``reset`` forgets the learned averages."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # strict: an operator's typo ("yes" for a flag, true for a count) is refused, not read as something else
+    model_config = ConfigDict(extra="forbid", strict=True)
     baselines_s: dict[str, float] | None = None
     ema_alpha: float | None = None
     ema_min_samples: int | None = None
@@ -170,11 +172,13 @@ class EtaUpdate(BaseModel):
 def apply_eta_update(durations: DurationModel, body: bytes) -> dict[str, Any]:
     """Validate and apply an ETA update; raise ``EtaSettingsError`` with a one-line reason."""
     try:
-        update = EtaUpdate.model_validate_json(body or b"{}")
+        update = EtaUpdate.model_validate(parse_json(body or b"{}"))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise EtaSettingsError(f"{where}: {first['msg']}") from None
+    except ValueError as exc:
+        raise EtaSettingsError(f"the body is not valid JSON ({exc.__class__.__name__})") from None
     settings = durations.settings.updated(update.baselines_s, update.ema_alpha, update.ema_min_samples)
     durations.reconfigure(settings, reset=update.reset)
     return durations.describe()
@@ -183,15 +187,25 @@ def apply_eta_update(durations: DurationModel, body: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- app
 
 
+#: Longer page paths than this are no page of ours (and a 10,000-character one must not reach the file system).
+MAX_STATIC_PATH = 256
+
+
 def _static_response(static_dir: Path, path: str) -> Response:
+    if len(path) > MAX_STATIC_PATH or "\x00" in path:  # the OS refuses both with an exception, not a 404
+        return error_response(404, ErrorCode.NOT_FOUND, "no such page")
     root = static_dir.resolve()
-    target = (root / path).resolve() if path else root
-    if target.is_dir():
-        target = target / "index.html"
+    try:
+        target = (root / path).resolve() if path else root
+        if target.is_dir():
+            target = target / "index.html"
+        found = target.is_file()
+    except (OSError, ValueError):
+        return error_response(404, ErrorCode.NOT_FOUND, "no such page")
     inside = target.is_relative_to(root) and not any(
         p.startswith(".") for p in target.relative_to(root).parts
     )
-    if not inside or not target.is_file():
+    if not inside or not found:
         return error_response(404, ErrorCode.NOT_FOUND, f"no such page: /{path}")
     media = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
     return FileResponse(target, media_type=media, headers={"Cache-Control": "no-cache"})
@@ -332,7 +346,8 @@ class GatewayApp:
 
     def __init__(self, starlette_app: Starlette, state: GatewayState) -> None:
         self.state = state
-        self._app = ServerSendTap(ApiKeyMiddleware(starlette_app, state.api_key))
+        limit = body_limit(state.config.audio.max_upload_mb)
+        self._app = ServerSendTap(BodyLimit(ApiKeyMiddleware(starlette_app, state.api_key), limit))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self._app(scope, receive, send)

@@ -16,7 +16,7 @@ import json
 from typing import TYPE_CHECKING
 
 from core.gateway.session import CLOSE, PAUSE, RESUME, Control, Dialect
-from core.protocol import ErrorCode, error_event
+from core.protocol import ErrorCode, error_event, parse_json
 from core.scheduling.pool import Lease
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def client_control(text: str) -> Control:
     if PAUSE not in text and RESUME not in text and CLOSE not in text:
         return None
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except ValueError:
         return None
     kind = data.get("type") if isinstance(data, dict) else None

@@ -34,12 +34,13 @@ from core.audio.framing import b64_to_packets, packets_to_b64
 from core.audio.opus import OpusDecoder, OpusEncoder
 from core.config import Config
 from core.models.base import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
-from core.protocol import ErrorCode, error_event
+from core.protocol import ErrorCode, error_event, parse_json
 from core.session.counters import SessionCounters
 from core.session.duplex import DuplexSession
 from core.session.executor import device_executor
 from core.session.text import SentenceChunker
 from core.storage.ref_audio import RefAudioRegistry
+from core.web import BodyLimit, body_limit
 from core.worker.realtime import realtime_router
 from core.worker.ref_audio_routes import build_ref_audio_router, connect_voices
 from core.worker.speech_routes import speech_router
@@ -167,7 +168,11 @@ async def _read_audio(request: Request, config: Config) -> tuple[np.ndarray | No
         if len(data) > max_bytes:
             raise _TooLarge(f"upload over {config.audio.max_upload_mb:g} MB")
         return load_audio_bytes(data, INPUT_SAMPLE_RATE, max_duration_s=config.audio.max_audio_s), opts
-    opts = AudioIn.model_validate_json(await request.body())
+    try:
+        body = parse_json(await request.body())
+    except ValueError as exc:  # not JSON, not UTF-8, or nested too deeply
+        raise AudioError(f"the body is not valid JSON ({exc.__class__.__name__})", kind="bad_json") from None
+    opts = AudioIn.model_validate(body)
     if opts.audio_packets_b64:
         return _decode_packets(opts.audio_packets_b64, max_bytes), opts
     if opts.audio_file_b64:
@@ -264,6 +269,9 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
     app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None, lifespan=lifespan)
     # Every route but /health serves the gateway only (core/worker_auth.py).
     app.add_middleware(WorkerSecretMiddleware, secret=resolve_worker_secret(config.service))
+    app.add_middleware(
+        BodyLimit, max_bytes=body_limit(config.audio.max_upload_mb)
+    )  # outermost: checked first
     app.state.worker = state
     app.include_router(
         build_ref_audio_router(
@@ -295,7 +303,8 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return _json_error(400, ErrorCode.INVALID_EVENT, f"{where}: {first['msg']}")
         except AudioError as exc:
-            return _json_error(400, ErrorCode.BAD_AUDIO, str(exc))
+            code = ErrorCode.BAD_JSON if exc.kind == "bad_json" else ErrorCode.BAD_AUDIO
+            return _json_error(400, code, str(exc))
         async with state.lock:
             state.status = "busy"
             try:

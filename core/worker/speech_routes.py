@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.models.base import OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack
-from core.protocol import ErrorCode
+from core.protocol import ErrorCode, parse_json
 from core.session.executor import iterate_in_executor
 from core.web import ClosingStream
 
@@ -115,11 +115,13 @@ def _refusal(state: Any) -> JSONResponse | None:
 
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate(parse_json(await request.body()))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         return _error(400, ErrorCode.INVALID_EVENT, f"{where}: {first['msg']}")
+    except ValueError as exc:  # not JSON, not UTF-8, or nested too deeply
+        return _error(400, ErrorCode.BAD_JSON, f"the body is not valid JSON ({exc.__class__.__name__})")
 
 
 def speech_router() -> APIRouter:
