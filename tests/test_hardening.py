@@ -230,3 +230,27 @@ async def _session(gateway: str, path: str, frames: list[Any]) -> None:
         assert updated["type"] == "session.updated"
     finally:
         await ws.close()
+
+
+# --- voice management through the gateway ----------------------------------------------------------------
+
+
+def test_voices_are_managed_through_the_gateway(urls: tuple[str, str]) -> None:
+    from tests.speech import espeak
+    from tests.test_cosyvoice_voices import wav_bytes
+
+    gateway, worker = urls
+    recording = wav_bytes(espeak("Hello, this is my reference voice."))
+    form = {"name": "alice", "text": "Hello, this is my reference voice."}
+    added = httpx.post(f"{gateway}/v1/voices", data=form, files={"file": ("a.wav", recording)}, timeout=60)
+    assert added.status_code == 201, added.text
+    assert added.json()["name"] == "alice"
+    names = [v["name"] for v in httpx.get(f"{gateway}/v1/voices", timeout=30).json()["voices"]]
+    assert "alice" in names
+    # it is the worker's registry the gateway reached (read there with the secret)
+    direct = httpx.get(f"{worker}/v1/voices", headers=WORKER_HEADERS, timeout=30).json()["voices"]
+    assert "alice" in [v["name"] for v in direct]
+    assert httpx.delete(f"{gateway}/v1/voices/alice", timeout=30).status_code == 204
+    assert "alice" not in [v["name"] for v in httpx.get(f"{gateway}/v1/voices", timeout=30).json()["voices"]]
+    bad = httpx.post(f"{gateway}/v1/voices", data={"name": "../evil"}, files={"file": ("a.wav", recording)})
+    assert bad.status_code == 400, bad.text

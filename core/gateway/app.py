@@ -49,6 +49,7 @@ from core.gateway.metrics import GatewayMetrics
 from core.gateway.queue_updates import ServerSendTap
 from core.gateway.session import session_route
 from core.gateway.state import GatewayState
+from core.gateway.voices import voice_routes
 from core.protocol import ErrorCode, parse_json
 from core.scheduling.eta import DurationModel, EtaSettings, EtaSettingsError
 from core.scheduling.pool import Pool, Worker
@@ -333,7 +334,7 @@ def create_app(
     sessions = [session_route(state, "/ws/duplex", DUPLEX), session_route(state, "/v1/realtime", REALTIME)]
     starlette_app = Starlette(
         # the job, OpenAI and WebSocket routes come before the static catch-all of _routes
-        routes=[*jobs.routes(), *openai_routes(state), *sessions, *_routes(state)],
+        routes=[*jobs.routes(), *openai_routes(state), *voice_routes(state), *sessions, *_routes(state)],
         exception_handlers={StarletteHTTPException: _http_error, Exception: _crash},
         lifespan=lifespan,
     )
