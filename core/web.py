@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from core.protocol import ErrorCode
+
+log = logging.getLogger("web")
 
 #: Multipart overhead allowed on top of the file size limit.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -171,9 +174,8 @@ async def read_upload(request: Request, max_bytes: int, file_fields: tuple[str, 
     try:
         form = await Request(request.scope, _replay(body)).form(max_files=len(file_fields), max_fields=64)
     except Exception as exc:  # starlette raises its own HTTPException/MultiPartException on a bad body
-        raise UploadError(
-            400, ErrorCode.INVALID_EVENT.value, f"malformed multipart body: {exc}", None
-        ) from None
+        log.info("malformed multipart body: %r", exc)  # the parser's words stay in the log
+        raise UploadError(400, ErrorCode.INVALID_EVENT.value, "malformed multipart body", None) from None
     try:
         upload: UploadFile | None = None
         fields: dict[str, list[str]] = {}

@@ -85,8 +85,9 @@ def build_ref_audio_router(
             )
         try:
             form = await request.form()
-        except Exception as exc:  # malformed multipart body
-            return _error(400, ErrorCode.INVALID_EVENT, f"unreadable form: {exc}")
+        except Exception as exc:  # malformed multipart body: the parser's words go to the log
+            log.info("unreadable voice upload form: %r", exc)
+            return _error(400, ErrorCode.INVALID_EVENT, "unreadable form: send multipart/form-data")
         upload, name, text = form.get("file"), form.get("name"), form.get("text")
         if not isinstance(upload, UploadFile):
             return _error(400, ErrorCode.INVALID_EVENT, "the form has no 'file' upload")
@@ -114,7 +115,9 @@ def build_ref_audio_router(
             except Exception as exc:  # the model refused the recording: keep nothing
                 log.warning("TTS rejected reference voice %r: %s", voice.name, exc)
                 await blocking(registry.remove, voice.name)
-                return _error(400, ErrorCode.BAD_AUDIO, f"the TTS cannot use this recording: {exc}")
+                return _error(
+                    400, ErrorCode.BAD_AUDIO, "the TTS cannot use this recording (see the worker log)"
+                )
         return JSONResponse(voice.public(), status_code=201)
 
     @router.get("/v1/voices")
