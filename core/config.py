@@ -71,6 +71,14 @@ class ServiceConfig(_Section):
     # Shared by the gateway and its workers (see core/worker_auth.py); None: DUPLEX_WORKER_SECRET, else the
     # file data_dir/worker_secret made on first start. Set the same value on every host of a cluster.
     worker_secret: str | None = None
+    # TLS between the gateway and its workers (for workers on other hosts): workers serve HTTPS/WSS with
+    # worker_tls_cert/key, or a self-signed pair made under data_dir/tls-worker/; the gateway verifies them
+    # against worker_ca_file (a PEM: the workers' certificate or their CA), else data_dir/tls-worker/cert.pem
+    # where it exists (workers on this host), else the system's trusted CAs.
+    worker_tls: bool = False
+    worker_tls_cert: str | None = None
+    worker_tls_key: str | None = None
+    worker_ca_file: str | None = None
     max_queue_size: int = Field(1000, ge=1, le=1_000_000)
     request_timeout: float = Field(300.0, gt=0)
     queue_update_interval_s: float = Field(3.0, gt=0, le=60)

@@ -1,4 +1,4 @@
-"""The secret a gateway and its workers share: a worker serves only callers that present it.
+"""The link between a gateway and its workers: a shared secret a worker requires, and optional TLS.
 
 A worker's port runs every model route (transcribe, speech, chat, both WebSockets, voice upload and delete)
 and a direct session takes the worker out of the gateway's pool; any process that can reach the port could
@@ -11,6 +11,9 @@ Where the secret comes from, first found wins: the ``DUPLEX_WORKER_SECRET`` envi
 host), then the file ``worker_secret`` under ``service.data_dir``, made on first start (32 random bytes,
 hex, mode 0600) by whichever of gateway and workers starts first and read by the others. ``start_all.sh``
 starts all of them on one data folder, so a local install needs no setting.
+
+With ``service.worker_tls`` (workers on other hosts, across a network) workers serve HTTPS and WSS and the
+gateway verifies their certificate: see :func:`worker_tls_files` and :func:`worker_ssl_context`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hmac
 import json
 import os
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -27,10 +31,13 @@ from typing import Any
 from core.config import ServiceConfig
 from core.protocol import ErrorCode
 from core.storage.private import open_private_binary, private_dir
+from core.tls import ensure_certificate
 
 ENV_VAR = "DUPLEX_WORKER_SECRET"
 HEADER = "X-Worker-Secret"
 FILE_NAME = "worker_secret"
+#: Where workers keep a self-signed certificate when none is configured (under ``service.data_dir``).
+TLS_DIR = "tls-worker"
 #: Paths a worker serves to anyone: the gateway's health checks and a supervisor's probes carry no secret
 #: on purpose (they reveal the state, never a model).
 OPEN_PATHS = frozenset({"/health"})
@@ -63,7 +70,7 @@ def _file_secret(path: Path) -> str:
         pass
     if not path.parent.exists():
         private_dir(path.parent)
-    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per caller
     try:
         with open_private_binary(tmp) as fh:
             fh.write(secrets.token_hex(32).encode())
@@ -86,6 +93,38 @@ def _read(path: Path) -> str:
     if len(text) < 16:
         raise WorkerSecretError(f"the worker secret in {path} is too short (delete it to make a new one)")
     return text
+
+
+def worker_tls_files(service: ServiceConfig) -> tuple[Path, Path] | None:
+    """The (certificate, key) a worker serves TLS with, or None without ``service.worker_tls``.
+
+    The configured pair when both are set; else a self-signed one under ``data_dir/tls-worker/`` naming
+    ``worker_host`` (the gateway on the same host trusts it from there; another host is given the
+    certificate as ``worker_ca_file``).
+    """
+    if not service.worker_tls:
+        return None
+    if service.worker_tls_cert and service.worker_tls_key:
+        return Path(service.worker_tls_cert), Path(service.worker_tls_key)
+    return ensure_certificate(Path(service.data_dir) / TLS_DIR, [service.worker_host])
+
+
+def worker_ssl_context(service: ServiceConfig) -> ssl.SSLContext | None:
+    """What the gateway verifies workers' certificates with, or None when it reaches them in the clear."""
+    if not service.worker_tls:
+        return None
+    local = Path(service.data_dir) / TLS_DIR / "cert.pem"
+    ca = service.worker_ca_file or (str(local) if local.is_file() else None)
+    context = ssl.create_default_context(cafile=ca)  # hostname checked: the certificate names the worker
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def worker_scheme(service: ServiceConfig, *, websocket: bool = False) -> str:
+    """``http``/``ws``, or ``https``/``wss`` with ``service.worker_tls``."""
+    if websocket:
+        return "wss" if service.worker_tls else "ws"
+    return "https" if service.worker_tls else "http"
 
 
 def headers(secret: str) -> dict[str, str]:

@@ -30,8 +30,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from core.config import Config, ServiceConfig
 from core.gateway.app import create_app, parse_workers
 from core.gateway.queue_updates import queue_event_bytes
-from core.gateway.tls import certificate_hosts
 from core.protocol import parse_server_event
+from core.tls import certificate_hosts
 from tests.duplex_client import free_port, stop
 from tests.slow_close_worker import SlowCloseWorker
 

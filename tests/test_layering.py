@@ -19,7 +19,8 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "core.protocol":            ("core.config",),
     "core.web":                 ("core.protocol",),
     "core.gpu_ids":             (),
-    "core.worker_auth":         ("core.config", "core.protocol", "core.storage"),
+    "core.tls":                 (),
+    "core.worker_auth":         ("core.config", "core.protocol", "core.storage", "core.tls"),
     "core.audio":               ("core.config", "core.protocol"),
     "core.storage":             ("core.config", "core.protocol", "core.audio"),
     "core.models":              ("core.config", "core.protocol", "core.audio"),
@@ -36,7 +37,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
                                  "core.gateway"),
     "core.api.realtime_events": ("core.protocol",),  # pure event mapping, shared with the workers
     "core.gateway.app":         ("core.config", "core.protocol", "core.web", "core.scheduling", "core.gateway",
-                                 "core.api", "core.worker_auth"),
+                                 "core.api", "core.worker_auth", "core.tls"),
     # a worker process
     "core.worker":              ("core.config", "core.protocol", "core.web", "core.audio", "core.storage",
                                  "core.models", "core.session", "core.api.realtime_events", "core.gpu_ids",

@@ -208,3 +208,80 @@ def _chat_until_ok(base: str) -> None:
     r = httpx.post(f"{base}/v1/chat", json={"text": "hello"}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json().get("reply") or r.json().get("text"), r.json()
+
+
+async def test_a_gateway_reaches_its_workers_over_tls(tmp_path: Path) -> None:
+    """Workers across a network: the worker serves HTTPS/WSS with its own certificate, the gateway (another
+    data folder, as on another host) trusts that certificate and nothing else."""
+    shared = "cluster-secret-0123456789abcdef"
+    worker_dir, gateway_dir = tmp_path / "worker-host", tmp_path / "gateway-host"
+    worker_dir.mkdir()
+    gateway_dir.mkdir()
+    port, gport = free_port(), free_port()
+    worker = _worker(worker_dir, port, _config(worker_dir, worker_secret=shared, worker_tls=True))
+    cert = worker_dir / "data" / "tls-worker" / "cert.pem"
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        _until(cert.is_file, 60)
+        _until(
+            lambda: (
+                httpx.get(f"https://127.0.0.1:{port}/health", verify=str(cert), timeout=5).status_code == 200
+            ),
+            60,
+        )
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS worker
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        refused = httpx.post(
+            f"https://127.0.0.1:{port}/v1/chat", json={"text": "hi"}, verify=str(cert), timeout=10
+        )
+        assert refused.status_code == 401  # TLS does not replace the secret
+        config = _config(gateway_dir, worker_secret=shared, worker_tls=True, worker_ca_file=str(cert))
+        args = ["--http", "--host", "127.0.0.1", "--port", str(gport), "--workers", f"127.0.0.1:{port}"]
+        gateway = _start("gateway.py", [*args, "--config", str(config)], gateway_dir, "gateway")
+        base = f"http://127.0.0.1:{gport}"
+        wait_healthy(base, gateway, 60)
+        _chat_until_ok(base)
+        async with connect(f"ws://127.0.0.1:{gport}/ws/duplex", open_timeout=30) as ws:
+            while (event := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != "session.created":
+                pass
+            assert event["session"]["id"]
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stop(worker)
+
+
+def test_a_gateway_refuses_a_worker_certificate_it_does_not_trust(tmp_path: Path) -> None:
+    shared = "cluster-secret-0123456789abcdef"
+    worker_dir, gateway_dir = tmp_path / "worker-host", tmp_path / "gateway-host"
+    worker_dir.mkdir()
+    gateway_dir.mkdir()
+    port, gport = free_port(), free_port()
+    worker = _worker(worker_dir, port, _config(worker_dir, worker_secret=shared, worker_tls=True))
+    cert = worker_dir / "data" / "tls-worker" / "cert.pem"
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        _until(cert.is_file, 60)
+        _until(
+            lambda: (
+                httpx.get(f"https://127.0.0.1:{port}/health", verify=str(cert), timeout=5).status_code == 200
+            ),
+            60,
+        )
+        config = _config(gateway_dir, worker_secret=shared, worker_tls=True)  # no worker_ca_file: system CAs
+        args = ["--http", "--host", "127.0.0.1", "--port", str(gport), "--workers", f"127.0.0.1:{port}"]
+        gateway = _start("gateway.py", [*args, "--config", str(config)], gateway_dir, "gateway")
+        base = f"http://127.0.0.1:{gport}"
+        wait_healthy(base, gateway, 60)
+
+        def refused() -> bool:
+            (entry,) = httpx.get(f"{base}/health", timeout=5).json()["workers"]
+            return "certificate is not trusted" in str(entry)
+
+        _until(refused)  # the health check names why the worker is out
+        health = httpx.get(f"{base}/health", timeout=5).json()
+        assert health["status"] != "ok", health
+    finally:
+        if gateway is not None:
+            stop(gateway)
+        stop(worker)

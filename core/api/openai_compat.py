@@ -394,7 +394,7 @@ class OpenAIEndpoints:
         for worker in [w for w in state.pool.workers if w.healthy]:
             try:
                 models = (
-                    (await state.http.get(f"http://{worker.address}/health", timeout=2.0))
+                    (await state.http.get(state.worker_url(worker.address, "/health"), timeout=2.0))
                     .json()
                     .get("models")
                 )

@@ -115,10 +115,16 @@ async def check_worker(state: GatewayState, worker: Worker) -> None:
     assert state.http is not None
     timeout = min(2.0, max(0.2, state.config.service.health_interval_s))
     try:
-        response = await state.http.get(f"http://{worker.address}/health", timeout=timeout)
+        response = await state.http.get(state.worker_url(worker.address, "/health"), timeout=timeout)
         body = response.json()
     except httpx.ConnectError as exc:
-        state.pool.mark_down(worker, f"connection refused ({exc.__class__.__name__})")
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+            reason = "TLS: the worker's certificate is not trusted (set service.worker_ca_file)"
+            if worker.last_error != reason:
+                log.warning("worker %s: %s", worker.address, reason)
+            state.pool.mark_down(worker, reason)
+        else:
+            state.pool.mark_down(worker, f"connection refused ({exc.__class__.__name__})")
         return
     except (httpx.HTTPError, ValueError) as exc:
         state.pool.note_health_failure(worker, f"health check failed: {exc.__class__.__name__}")
@@ -307,6 +313,7 @@ def create_app(
         metrics=metrics,
         api_key=resolve_api_key(service.api_key),
         worker_headers=worker_auth.headers(worker_auth.resolve_worker_secret(service)),
+        worker_ssl=worker_auth.worker_ssl_context(service),
         static_dir=Path(static_dir) if static_dir is not None else ROOT / "static",
         tls=tls,
     )
@@ -315,7 +322,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         state.http = httpx.AsyncClient(
-            trust_env=False, limits=httpx.Limits(max_keepalive_connections=32), headers=state.worker_headers
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=32),
+            headers=state.worker_headers,
+            verify=state.worker_ssl if state.worker_ssl is not None else True,
         )
         state.tasks = [asyncio.create_task(_health_loop(state)), asyncio.create_task(_tick_loop(state))]
         await jobs.start()
@@ -405,7 +415,7 @@ def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Pa
     _raise_fd_limit()
     ssl: dict[str, str] = {}
     if not service.http:
-        from core.gateway.tls import TLSError, ensure_certificate
+        from core.tls import TLSError, ensure_certificate
 
         try:
             cert, key = ensure_certificate(Path(service.data_dir) / "tls", [service.gateway_host])

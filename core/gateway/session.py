@@ -192,11 +192,12 @@ async def _wait_for_worker(
 
     def connect(lease: Lease) -> Awaitable[Connected]:
         return open_worker_socket(
-            f"ws://{lease.worker.address}{dialect.worker_path}{query}",
+            state.worker_url(lease.worker.address, f"{dialect.worker_path}{query}", websocket=True),
             max_size=dialect.worker_max_size,
             first_frame_timeout_s=FIRST_FRAME_TIMEOUT_S,
             error_code=dialect.worker_error_code,
             headers=state.worker_headers,
+            ssl=state.worker_ssl,
         )
 
     reader = asyncio.create_task(_hold_client(ws, held, ticket))

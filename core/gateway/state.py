@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,15 @@ class GatewayState:
     tls: bool = False
     #: Sent with every request and WebSocket handshake to a worker (the shared secret, core/worker_auth.py).
     worker_headers: dict[str, str] = field(default_factory=dict)
+    #: Verifies the workers' certificates when the gateway reaches them over TLS (None: in the clear).
+    worker_ssl: ssl.SSLContext | None = None
+
+    def worker_url(self, address: str, path: str, *, websocket: bool = False) -> str:
+        """The URL of ``path`` on the worker at ``address`` (``https``/``wss`` when the link is TLS)."""
+        if websocket:
+            return f"{'wss' if self.worker_ssl else 'ws'}://{address}{path}"
+        return f"{'https' if self.worker_ssl else 'http'}://{address}{path}"
+
     started_at: float = field(default_factory=time.monotonic)
     http: httpx.AsyncClient | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)

@@ -46,7 +46,7 @@ def voice_routes(state: GatewayState) -> list[BaseRoute]:
                 answers.append(
                     await state.http.request(
                         request.method,
-                        f"http://{worker.address}{request.url.path}",
+                        state.worker_url(worker.address, request.url.path),
                         content=body,
                         headers=headers,
                         timeout=TIMEOUT_S,

@@ -161,7 +161,7 @@ async def _post(
 ) -> httpx.Response:
     assert state.http is not None, "the gateway's lifespan has not started"
     timeout = httpx.Timeout(state.config.service.request_timeout, connect=CONNECT_TIMEOUT_S)
-    url = f"http://{lease.worker.address}{path}"
+    url = state.worker_url(lease.worker.address, path)
     for delay in (*BUSY_RETRY_DELAYS_S, None):
         request = state.http.build_request("POST", url, timeout=timeout, **kwargs)
         try:

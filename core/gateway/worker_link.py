@@ -11,6 +11,7 @@ No audio or model library here: this runs in the gateway.
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable
 
 import websockets
@@ -45,6 +46,7 @@ async def open_worker_socket(
     first_frame_timeout_s: float,
     error_code: Callable[[str | bytes], str | None],
     headers: dict[str, str] | None = None,
+    ssl: ssl_module.SSLContext | None = None,
 ) -> Connected:
     """Open a worker's WebSocket at ``url`` and read its first frame; a ``busy`` worker is retried briefly.
 
@@ -56,6 +58,7 @@ async def open_worker_socket(
             conn = await websockets.connect(
                 url,
                 additional_headers=headers,
+                ssl=ssl,
                 open_timeout=CONNECT_TIMEOUT_S,
                 close_timeout=1.0,
                 compression=None,

@@ -67,10 +67,20 @@ def main(argv: list[str]) -> int:
 
     from core.models.registry import build_stack
     from core.worker.app import create_app
+    from core.worker_auth import worker_tls_files
 
     app = create_app(config, lambda: build_stack(config), index=args.worker_index)
     logging.getLogger("worker").info(
         "worker %d on http://%s:%d (log %s)", args.worker_index, config.service.worker_host, port, log_path
     )
-    uvicorn.run(app, host=config.service.worker_host, port=port, log_level="warning", ws_max_size=1 << 20)
+    tls = worker_tls_files(config.service)  # HTTPS/WSS towards the gateway with service.worker_tls
+    uvicorn.run(
+        app,
+        host=config.service.worker_host,
+        port=port,
+        log_level="warning",
+        ws_max_size=1 << 20,
+        ssl_certfile=str(tls[0]) if tls else None,
+        ssl_keyfile=str(tls[1]) if tls else None,
+    )
     return 0

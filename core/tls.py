@@ -1,4 +1,5 @@
-"""A self-signed TLS certificate for the gateway, generated on first start and kept under data/tls/.
+"""A self-signed TLS certificate, generated on first start: the gateway's under data/tls/, and the workers'
+under data/tls-worker/ when the gateway reaches them over TLS (``service.worker_tls``).
 
 Browsers only give a page the microphone on a secure origin, so the gateway serves HTTPS by default
 (``--http`` opts out). The certificate is an ECDSA P-256 one (fast to make, accepted everywhere) with
