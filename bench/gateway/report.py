@@ -59,11 +59,11 @@ def table(results: list[Result]) -> list[str]:
         lines.append(f"| {name} | {_cells(results, cell)} |")
 
     add(
-        "echo round trip direct to worker, p50 / p95",
+        "probe round trip direct to worker, p50 / p95",
         lambda r: "{direct_p50:.3f} / {direct_p95:.3f} ms".format(**r.hop),
     )
     add(
-        "echo round trip through gateway, p50 / p95",
+        "probe round trip through gateway, p50 / p95",
         lambda r: "{gateway_p50:.3f} / {gateway_p95:.3f} ms".format(**r.hop),
     )
     add(
