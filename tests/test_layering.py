@@ -18,6 +18,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "core.config":              (),
     "core.protocol":            ("core.config",),
     "core.web":                 ("core.protocol",),
+    "core.serving":             ("core.config",),  # the server both processes run on (uvicorn, bounded)
     "core.audio":               ("core.config", "core.protocol"),
     "core.storage":             ("core.config", "core.protocol", "core.audio"),
     "core.models":              ("core.config", "core.protocol", "core.audio"),
@@ -33,10 +34,10 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
                                  "core.gateway"),
     "core.api.realtime_events": ("core.protocol",),  # pure event mapping, shared with the workers
     "core.gateway.app":         ("core.config", "core.protocol", "core.web", "core.scheduling", "core.gateway",
-                                 "core.api"),
+                                 "core.api", "core.serving"),
     # a worker process
     "core.worker":              ("core.config", "core.protocol", "core.web", "core.audio", "core.storage",
-                                 "core.models", "core.session", "core.api.realtime_events"),
+                                 "core.models", "core.session", "core.api.realtime_events", "core.serving"),
     "gateway":                  ("core.config", "core.gateway.app"),
     "worker":                   ("core.distill.cli", "core.worker.cli"),
 }  # fmt: skip

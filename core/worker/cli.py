@@ -56,14 +56,20 @@ def main(argv: list[str]) -> int:
     log_path = _logging(config.service.log_dir, args.worker_index)
     port = args.port or config.service.worker_base_port + args.worker_index
 
-    import uvicorn
-
     from core.models.registry import build_stack
+    from core.serving import limits_from, serve
     from core.worker.app import create_app
 
     app = create_app(config, lambda: build_stack(config), index=args.worker_index)
     logging.getLogger("worker").info(
         "worker %d on http://%s:%d (log %s)", args.worker_index, config.service.worker_host, port, log_path
     )
-    uvicorn.run(app, host=config.service.worker_host, port=port, log_level="warning", ws_max_size=1 << 20)
+    serve(
+        app,
+        limits=limits_from(config.service, per_address=False),  # the gateway is its only client
+        host=config.service.worker_host,
+        port=port,
+        log_level="warning",
+        ws_max_size=1 << 20,
+    )
     return 0
