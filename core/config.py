@@ -6,11 +6,12 @@ An unknown key, a wrong type or an out-of-range value is a one-line ``ConfigErro
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationError
 
 StackName = Literal["auto", "embedded", "production", "fake"]
 TurnDetectionType = Literal["server_vad", "semantic_vad"]
@@ -94,6 +95,17 @@ class ServiceConfig(_Section):
     eta_ema_min_samples: int = Field(3, ge=1)
     jobs_keep_last: int = Field(1000, ge=0)  # transcription jobs kept; 0 keeps all
     jobs_keep_days: float = Field(30.0, ge=0)  # days a finished job is kept; 0 keeps forever
+    # A client must send a request's complete head within this long (of connecting, or of its first byte on a
+    # kept-alive connection), and finish a TLS handshake within this long, or it is dropped.
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    tls_handshake_timeout_s: float = Field(10.0, gt=0, le=300)
+    # Open connections one client address (IPv6: one /64) may hold at the gateway; 0: no bound.
+    max_connections_per_address: int = Field(64, ge=0)
+    # Client networks that bound does not apply to: loopback, where a local reverse proxy connects from.
+    connection_limit_exempt: tuple[IPvAnyNetwork, ...] = (
+        ipaddress.IPv4Network("127.0.0.0/8"),
+        ipaddress.IPv6Network("::1/128"),
+    )
 
 
 class EagernessLevel(_Section):

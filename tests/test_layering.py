@@ -21,6 +21,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "core.gpu_ids":             (),
     "core.tls":                 (),
     "core.worker_auth":         ("core.config", "core.protocol", "core.storage", "core.tls"),
+    "core.serving":             ("core.config",),  # the server both processes run on (uvicorn, bounded)
     "core.audio":               ("core.config", "core.protocol"),
     "core.storage":             ("core.config", "core.protocol", "core.audio"),
     "core.models":              ("core.config", "core.protocol", "core.audio"),
@@ -37,11 +38,11 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
                                  "core.gateway"),
     "core.api.realtime_events": ("core.protocol",),  # pure event mapping, shared with the workers
     "core.gateway.app":         ("core.config", "core.protocol", "core.web", "core.scheduling", "core.gateway",
-                                 "core.api", "core.worker_auth", "core.tls"),
+                                 "core.api", "core.worker_auth", "core.tls", "core.serving"),
     # a worker process
     "core.worker":              ("core.config", "core.protocol", "core.web", "core.audio", "core.storage",
                                  "core.models", "core.session", "core.api.realtime_events", "core.gpu_ids",
-                                 "core.worker_auth"),
+                                 "core.worker_auth", "core.serving"),
     "gateway":                  ("core.config", "core.gateway.app"),
     "worker":                   ("core.distill.cli", "core.worker.cli"),
 }  # fmt: skip

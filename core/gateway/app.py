@@ -403,7 +403,7 @@ def _raise_fd_limit() -> None:
 
 def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Path | None = None) -> int:
     """Serve until stopped; returns the exit status."""
-    import uvicorn
+    from core.serving import limits_from, serve
 
     service = config.service
     try:
@@ -427,8 +427,9 @@ def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Pa
     _tune_gc()
     scheme = "http" if service.http else "https"
     log.info("gateway on %s://%s:%d (log %s)", scheme, service.gateway_host, service.gateway_port, log_path)
-    uvicorn.run(
+    serve(
         app,
+        limits=limits_from(service),
         host=service.gateway_host,
         port=service.gateway_port,
         log_level="warning",

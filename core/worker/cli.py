@@ -63,9 +63,8 @@ def main(argv: list[str]) -> int:
     log_path = _logging(config.service.log_dir, args.worker_index)
     port = args.port or config.service.worker_base_port + args.worker_index
 
-    import uvicorn
-
     from core.models.registry import build_stack
+    from core.serving import limits_from, serve
     from core.worker.app import create_app
     from core.worker_auth import worker_tls_files
 
@@ -74,8 +73,9 @@ def main(argv: list[str]) -> int:
         "worker %d on http://%s:%d (log %s)", args.worker_index, config.service.worker_host, port, log_path
     )
     tls = worker_tls_files(config.service)  # HTTPS/WSS towards the gateway with service.worker_tls
-    uvicorn.run(
+    serve(
         app,
+        limits=limits_from(config.service, per_address=False),  # the gateway is its only client
         host=config.service.worker_host,
         port=port,
         log_level="warning",

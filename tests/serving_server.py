@@ -1,0 +1,56 @@
+"""Test support: a tiny ASGI app served by ``core.serving.serve`` on loopback, the connection bound counting
+loopback too (no exempt networks). With ``SERVING_PLAIN=1`` it is served by plain ``uvicorn.run`` instead,
+to show the tests in tests/test_serving.py fail without the serving layer.
+
+Usage: serving_server.py PORT HEADER_TIMEOUT_S HANDSHAKE_TIMEOUT_S MAX_PER_ADDRESS [CERT KEY]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.serving import Limits, serve
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """HTTP: 200 with ``scheme method path``; WebSocket: accepted and held until the client leaves."""
+    if scope["type"] == "http":
+        while (await receive()).get("more_body"):
+            pass
+        body = f"{scope['scheme']} {scope['method']} {scope['path']}".encode()
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+
+def main(argv: list[str]) -> None:
+    port, header_s, handshake_s, per_address = int(argv[0]), float(argv[1]), float(argv[2]), int(argv[3])
+    tls = {"ssl_certfile": argv[4], "ssl_keyfile": argv[5]} if len(argv) > 4 else {}
+    # "Uvicorn running on ..." (logged once it listens) tells the test it may connect
+    options: dict[str, Any] = {"log_level": "info", "access_log": False, "ws": "websockets-sansio"}
+    if os.environ.get("SERVING_PLAIN") == "1":
+        import uvicorn
+
+        uvicorn.run(app, host="127.0.0.1", port=port, **options, **tls)
+        return
+    limits = Limits(
+        header_timeout_s=header_s,
+        tls_handshake_timeout_s=handshake_s,
+        max_connections_per_address=per_address,
+        exempt=(),
+    )
+    serve(app, host="127.0.0.1", port=port, limits=limits, **options, **tls)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
