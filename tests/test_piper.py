@@ -239,7 +239,7 @@ def test_whisper_understands_piper(tts) -> None:
 def test_whisper_reads_back_a_reply_of_several_sentences(tts) -> None:
     from core.models.whisper import WhisperASR
 
-    asr = WhisperASR(WHISPER_DIR)
+    asr = WhisperASR(WHISPER_DIR, device="cpu")
     text = "Dr. Smith will see you tomorrow morning. Please bring your card, your keys, and a pen."
     chunks = list(tts.synthesize(text))
     assert len(chunks) == 2

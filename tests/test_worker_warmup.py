@@ -9,10 +9,11 @@ from collections.abc import Iterator
 
 from fastapi.testclient import TestClient
 
-from core.config import Config
+from core.config import Config, ServiceConfig
 from core.models.base import ModelStack
 from core.models.fake import FakeLLM, build_fake_stack
 from core.worker.app import create_app
+from tests.services import WORKER_HEADERS, WORKER_SECRET
 
 
 class ThreadRecordingLLM(FakeLLM):
@@ -44,13 +45,13 @@ def test_models_warm_up_on_the_thread_that_serves_them() -> None:
         device="cpu",
         info=fake.info,
     )
-    app = create_app(Config(), lambda: stack)
+    app = create_app(Config(service=ServiceConfig(worker_secret=WORKER_SECRET)), lambda: stack)
     with TestClient(app) as client:
         deadline = time.monotonic() + 30
         while client.get("/health").status_code != 200:
             assert time.monotonic() < deadline, client.get("/health").json()
             time.sleep(0.05)
-        reply = client.post("/v1/chat", json={"text": "Hi!"})
+        reply = client.post("/v1/chat", json={"text": "Hi!"}, headers=WORKER_HEADERS)
         assert reply.status_code == 200, reply.text
     assert len(llm.warmed_on) == 1 and llm.served_on
     assert llm.warmed_on[0] != "model-load"  # not the loading thread
