@@ -36,12 +36,12 @@ import numpy as np
 from core.models.base import CancelToken, ChatMessage, NeverCancel
 from core.models.llm_text import (
     LLMError,
-    TextDeltas,
     end_ids,
     judge_prompt,
     prompt_ids,
     render_prompt,
     stop_ids,
+    stream_text,
 )
 
 #: Files of the source checkpoint kept beside the converted model: the tokenizer and the chat template.
@@ -241,17 +241,7 @@ class CT2LLM:
         """Yield the reply as text pieces as tokens are generated; stop within one token once ``cancel`` is set."""
         cancel = cancel if cancel is not None else NeverCancel()
         tokens = self.token_stream(messages, max_new_tokens=max_new_tokens, cancel=cancel)
-        return self._text(tokens, cancel)
-
-    def _text(self, tokens: Iterator[int], cancel: CancelToken) -> Iterator[str]:
-        deltas = TextDeltas(self.tokenizer)
-        for token in tokens:
-            piece = deltas.push(token)
-            if piece:
-                yield piece
-        tail = deltas.flush()
-        if tail and not cancel.is_set():
-            yield tail
+        return stream_text(self.tokenizer, tokens, cancel)
 
     def _decode(self, tokens: list[str], budget: int, cancel: CancelToken) -> Iterator[int]:
         if cancel.is_set():

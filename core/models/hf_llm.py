@@ -47,6 +47,7 @@ from core.models.llm_text import (
     judge_prompt,
     render_prompt,
     stop_ids,
+    stream_text,
 )
 
 __all__ = ["LLMError", "Sampling", "TextDeltas", "TransformersLLM", "check_messages"]
@@ -334,17 +335,7 @@ class TransformersLLM:
         """Yield the reply as text pieces as tokens are generated; stop within one token once ``cancel`` is set."""
         cancel = cancel if cancel is not None else NeverCancel()
         tokens = self.token_stream(messages, max_new_tokens=max_new_tokens, cancel=cancel)
-        return self._text(tokens, cancel)
-
-    def _text(self, tokens: Iterator[int], cancel: CancelToken) -> Iterator[str]:
-        deltas = TextDeltas(self.tokenizer)
-        for token in tokens:
-            piece = deltas.push(token)
-            if piece:
-                yield piece
-        tail = deltas.flush()
-        if tail and not cancel.is_set():
-            yield tail
+        return stream_text(self.tokenizer, tokens, cancel)
 
     def warmup(self) -> None:
         """Generate a few tokens, so kernels (and compiled graphs) are ready before the first user."""

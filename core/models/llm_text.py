@@ -8,10 +8,10 @@ two behave the same to the session: same prompt, same stop tokens, same text pie
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from core.models.base import ChatMessage
+from core.models.base import CancelToken, ChatMessage
 
 ROLES = ("system", "user", "assistant")
 #: End-of-turn markers of the common chat formats: stopping on them too guards against a generation config
@@ -128,3 +128,15 @@ class TextDeltas:
         self._start = self._done = len(self._ids)
         self._done_text = ""
         return tail
+
+
+def stream_text(tokenizer: Any, tokens: Iterator[int], cancel: CancelToken) -> Iterator[str]:
+    """A reply's token ids as text pieces (:class:`TextDeltas`); nothing held back is sent after a cancel."""
+    deltas = TextDeltas(tokenizer)
+    for token in tokens:
+        piece = deltas.push(token)
+        if piece:
+            yield piece
+    tail = deltas.flush()
+    if tail and not cancel.is_set():
+        yield tail
