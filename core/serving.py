@@ -89,8 +89,18 @@ class AddressCounter:
         self.exempt = limits.exempt
         self.open: dict[str, int] = {}  # counted address -> open connections
         self.refused = 0  # connections closed for being over the bound, since start
+        self.head_timeouts = 0  # connections dropped for a request head not complete in time, since start
+        self.handshake_failures = 0  # TLS handshakes that timed out or failed, since start
         self._owner: dict[object, str] = {}  # connection -> its counted address
         self._warned: set[str] = set()
+
+    def dropped(self) -> dict[str, int]:
+        """Connections this server dropped since start, by reason (for ``/metrics``)."""
+        return {
+            "per_address_limit": self.refused,
+            "header_timeout": self.head_timeouts,
+            "tls_handshake": self.handshake_failures,
+        }
 
     def key(self, peername: Any) -> str | None:
         """The address a peer is counted under, or None where it is not counted."""
@@ -201,6 +211,7 @@ class BoundedH11Protocol(H11Protocol):
             return
         if self._got_bytes and self.conn.our_state is h11.IDLE:
             self.transport.write(_REQUEST_TIMEOUT)
+        self.counter.head_timeouts += 1
         self.transport.close()
 
 
@@ -274,6 +285,7 @@ class TLSAcceptor(asyncio.Protocol):
             raise
         except Exception as exc:  # timed out, reset, not TLS: start_tls has closed the connection
             log.debug("TLS handshake with %s failed: %r", raw.get_extra_info("peername"), exc)
+            self.counter.handshake_failures += 1
             self.counter.release(raw)
             return
         if tls is None or handover.lost:  # closed between the handshake and now
@@ -352,9 +364,16 @@ class Protocols:
     counter: AddressCounter
 
 
-def protocols(limits: Limits, *, ws: str = "auto", tls: ssl.SSLContext | None = None) -> Protocols:
-    """Subclasses of uvicorn's protocols that enforce ``limits`` (``ws`` names a uvicorn WebSocket one)."""
-    counter = AddressCounter(limits)
+def protocols(
+    limits: Limits,
+    *,
+    ws: str = "auto",
+    tls: ssl.SSLContext | None = None,
+    counter: AddressCounter | None = None,
+) -> Protocols:
+    """Subclasses of uvicorn's protocols that enforce ``limits`` (``ws`` names a uvicorn WebSocket one);
+    ``counter`` (made here when not given) counts connections and what was dropped."""
+    counter = counter if counter is not None else AddressCounter(limits)
     http: type[asyncio.Protocol] = type(
         "ServedH11Protocol",
         (BoundedH11Protocol,),
@@ -393,15 +412,17 @@ def serve(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
     ws: str = "auto",
+    counter: AddressCounter | None = None,
     **options: Any,
 ) -> None:
     """Serve ``app`` until stopped, as ``uvicorn.run`` would, within ``limits``.
 
-    ``options`` go to ``uvicorn.Config`` (log level, WebSocket settings, graceful shutdown, ...). Exits with
-    uvicorn's startup-failure status when the server could not start (e.g. the port is taken).
+    ``options`` go to ``uvicorn.Config`` (log level, WebSocket settings, graceful shutdown, ...). Pass a
+    ``counter`` to read what the server dropped (``AddressCounter.dropped``). Exits with uvicorn's
+    startup-failure status when the server could not start (e.g. the port is taken).
     """
     tls = server_context(ssl_certfile, ssl_keyfile) if ssl_certfile else None
-    bound = protocols(limits, ws=ws, tls=tls)
+    bound = protocols(limits, ws=ws, tls=tls, counter=counter)
     config = uvicorn.Config(app, host=host, port=port, http=bound.http, ws=bound.ws or "none", **options)
     server = uvicorn.Server(config)
     # uvicorn re-raises the Ctrl-C it caught once it has shut down

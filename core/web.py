@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,17 +33,30 @@ def body_limit(max_upload_mb: float) -> int:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: no HTTP request body is read past ``max_bytes``, chunked or not.
+    """Pure ASGI middleware: no HTTP request body is read past ``max_bytes``, chunked or not, nor slowly.
 
     A declared ``Content-Length`` over the limit is refused before a byte is read. A body that runs past it
     while being read (chunked, or a lying header) is refused at that moment: the client gets 413, the app
     sees the client leave (``http.disconnect``) and whatever it answers after that is dropped. Handlers'
     own limits stay (they give the precise message); this one holds for every route, present and future.
+
+    With ``read_timeout_s``, a body whose next part does not come within that long of asking for it is
+    refused the same way with 408 (nginx's ``client_body_timeout``): a client that trickles or stalls an
+    upload cannot hold a request, and the bound on connections per address bounds how many it can try.
+    Once the body is complete nothing is timed (a streaming response waits for the client to leave).
     """
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        max_bytes: int,
+        read_timeout_s: float | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
+        #: Requests refused since start, by reason: ``too_large`` or ``read_timeout`` (for ``/metrics``).
+        self.refusals: Counter[str] = Counter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,21 +64,33 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers", ())).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            self.refusals["too_large"] += 1
+            await self._refuse(send, 413, ErrorCode.PAYLOAD_TOO_LARGE, self._too_large())
             return
-        seen, started, refused = 0, False, False
+        seen, started, refused, complete = 0, False, False, False
 
         async def limited() -> Any:
-            nonlocal seen, refused
+            nonlocal seen, refused, complete
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            try:
+                async with asyncio.timeout(None if complete else self.read_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                refused = True
+                self.refusals["read_timeout"] += 1
+                if not started:
+                    why = f"no part of the request body came for {self.read_timeout_s:g} s"
+                    await self._refuse(send, 408, ErrorCode.RECEIVE_TIMEOUT, why)
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     refused = True
+                    self.refusals["too_large"] += 1
                     if not started:
-                        await self._refuse(send)
+                        await self._refuse(send, 413, ErrorCode.PAYLOAD_TOO_LARGE, self._too_large())
                     return {"type": "http.disconnect"}
             return message
 
@@ -82,15 +108,17 @@ class BodyLimit:
             if not refused:
                 raise  # the app's own failure; ours (the client "left") needs no log
 
-    async def _refuse(self, send: Send) -> None:
-        message = f"the request body is over {self.max_bytes} bytes"
-        body = json.dumps({"error": {"code": ErrorCode.PAYLOAD_TOO_LARGE.value, "message": message}}).encode()
+    def _too_large(self) -> str:
+        return f"the request body is over {self.max_bytes} bytes"
+
+    async def _refuse(self, send: Send, status: int, code: ErrorCode, message: str) -> None:
+        body = json.dumps({"error": {"code": code.value, "message": message}}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

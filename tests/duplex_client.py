@@ -86,6 +86,9 @@ async def wait_for(got: Received, kind: str, timeout: float, count: int = 1) -> 
         found = got.of(kind)
         if len(found) >= count:
             return found[count - 1]
+        fatal = [e for e in got.of("error") if e.get("fatal")]
+        if fatal and kind != "error":  # the session is over: nothing more will come
+            raise AssertionError(f"no {kind}: the session ended with {fatal[0]}")
         await asyncio.sleep(0.02)
     raise AssertionError(f"no {kind} within {timeout} s; got {got.types()}")
 

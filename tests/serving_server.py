@@ -7,6 +7,7 @@ Usage: serving_server.py PORT HEADER_TIMEOUT_S HANDSHAKE_TIMEOUT_S MAX_PER_ADDRE
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,15 +15,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.serving import Limits, serve
+from core.serving import AddressCounter, Limits, serve
+
+#: The serving layer's connection counter (what it dropped), shown at ``GET /dropped``.
+COUNTER: AddressCounter | None = None
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """HTTP: 200 with ``scheme method path``; WebSocket: accepted and held until the client leaves."""
+    """HTTP: 200 with ``scheme method path`` (``/dropped``: the counter's JSON); WebSocket: accepted and held
+    until the client leaves."""
     if scope["type"] == "http":
         while (await receive()).get("more_body"):
             pass
         body = f"{scope['scheme']} {scope['method']} {scope['path']}".encode()
+        if scope["path"] == "/dropped":
+            body = json.dumps(COUNTER.dropped() if COUNTER is not None else {}).encode()
         headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -49,7 +56,9 @@ def main(argv: list[str]) -> None:
         max_connections_per_address=per_address,
         exempt=(),
     )
-    serve(app, host="127.0.0.1", port=port, limits=limits, **options, **tls)
+    global COUNTER
+    COUNTER = AddressCounter(limits)
+    serve(app, host="127.0.0.1", port=port, limits=limits, counter=COUNTER, **options, **tls)
 
 
 if __name__ == "__main__":

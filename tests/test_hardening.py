@@ -6,7 +6,9 @@ a session without an ``error`` event, or take a process down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,13 +21,18 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.services import WORKER_HEADERS, cluster
 
 MAX_UPLOAD_MB = 1.0
+BODY_READ_S = 1.0  # the clusters' body read timeout: a stalled upload is refused after this
+HEADER_S = 2.0  # the clusters' request-head deadline
+GUARD_S = 15.0  # how long a client waits for something the server should do within BODY_READ_S
 DEEP = "[" * 5000 + "]" * 5000  # json.loads alone would raise RecursionError on this
 DEEP_OBJECT = '{"a":' * 3000 + "1" + "}" * 3000
 
 
 @pytest.fixture(scope="module")
 def urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    with cluster(tmp_path_factory.mktemp("hardening"), stack="fake", max_upload_mb=MAX_UPLOAD_MB) as found:
+    folder = tmp_path_factory.mktemp("hardening")
+    limits = {"body_read_timeout_s": BODY_READ_S, "header_timeout_s": HEADER_S}
+    with cluster(folder, stack="fake", max_upload_mb=MAX_UPLOAD_MB, **limits) as found:
         yield found
 
 
@@ -35,6 +42,14 @@ def _chunks(total: int, size: int = 64 * 1024) -> Iterator[bytes]:
     while sent < total:
         yield b"x" * min(size, total - sent)
         sent += size
+
+
+def _metric(gateway: str, sample: str) -> float:
+    """One sample of the gateway's /metrics page, by its full name and labels."""
+    for line in httpx.get(f"{gateway}/metrics", timeout=10).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{sample} not in /metrics")
 
 
 def _healthy(url: str) -> None:
@@ -61,6 +76,51 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_is_read(
     assert r.json()["error"]["code"] == "payload_too_large"
     _healthy(base)
     assert httpx.post(f"{base}/v1/chat", json={"text": "hi"}, headers=headers, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("target", ["gateway", "worker"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_that_stalls_is_refused_with_408(urls: tuple[str, str], target: str, chunked: bool) -> None:
+    # The head is complete, part of the body comes, then nothing: the request must not hold its worker
+    # route (or a connection) for ever. No assert on elapsed time: the client only waits, with a guard.
+    gateway, worker = urls
+    refused = 'gateway_request_bodies_refused_total{reason="read_timeout"}'
+    before = _metric(gateway, refused)
+    url = httpx.URL(gateway if target == "gateway" else worker)
+    secret = "".join(f"{k}: {v}\r\n" for k, v in WORKER_HEADERS.items()) if target == "worker" else ""
+    framing = "transfer-encoding: chunked\r\n" if chunked else "content-length: 1000\r\n"
+    head = f"POST /v1/chat HTTP/1.1\r\nhost: {url.host}\r\ncontent-type: application/json\r\n{framing}{secret}\r\n"
+    part = b'5\r\n{"tex\r\n' if chunked else b'{"tex'
+    with socket.create_connection((url.host, url.port), timeout=GUARD_S) as sock:
+        sock.sendall(head.encode() + part)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408"), answer
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "receive_timeout", body
+    assert _metric(gateway, refused) == before + (target == "gateway")
+    base, headers = (gateway, {}) if target == "gateway" else (worker, WORKER_HEADERS)
+    assert httpx.post(f"{base}/v1/chat", json={"text": "hi"}, headers=headers, timeout=30).status_code == 200
+
+
+def test_a_request_head_that_never_ends_is_dropped_and_counted(urls: tuple[str, str]) -> None:
+    gateway, _ = urls
+    dropped = 'gateway_connections_dropped_total{reason="header_timeout"}'
+    before = _metric(gateway, dropped)
+    url = httpx.URL(gateway)
+    with socket.create_connection((url.host, url.port), timeout=GUARD_S) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")  # and the blank line never comes
+        answer = b""
+        while data := sock.recv(4096):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert _metric(gateway, dropped) == before + 1
+    assert _metric(gateway, 'gateway_connections_dropped_total{reason="per_address_limit"}') == 0  # loopback
 
 
 def test_a_declared_length_past_the_limit_is_refused_before_reading(urls: tuple[str, str]) -> None:
@@ -254,3 +314,60 @@ def test_voices_are_managed_through_the_gateway(urls: tuple[str, str]) -> None:
     assert "alice" not in [v["name"] for v in httpx.get(f"{gateway}/v1/voices", timeout=30).json()["voices"]]
     bad = httpx.post(f"{gateway}/v1/voices", data={"name": "../evil"}, files={"file": ("a.wav", recording)})
     assert bad.status_code == 400, bad.text
+
+
+# --- the body bound itself, on the virtual clock ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parts", "expect_status", "app_saw"),
+    [
+        # (seconds before each body part, more_body) ... then the app waits for the client to leave
+        ([(0.0, True), (0.9, False)], 200, "whole"),  # each part within the 1 s bound: served
+        ([(0.0, True), (5.0, False)], 408, "disconnect"),  # the second part is late: refused
+        ([(0.0, False)], 200, "whole"),  # a complete body: the app may wait for the client for ever
+    ],
+)
+def test_the_body_read_timeout_applies_only_while_the_body_is_incomplete(
+    parts: list[tuple[float, bool]], expect_status: int, app_saw: str
+) -> None:
+    from core.web import BodyLimit
+    from tests import virtual_time
+
+    async def body() -> tuple[list[dict[str, Any]], str]:
+        loop = asyncio.get_running_loop()
+        sent: list[dict[str, Any]] = []
+        left = list(parts)
+
+        async def receive() -> dict[str, Any]:
+            if not left:
+                await loop.create_future()  # the client stays connected and sends nothing more
+            delay, more = left.pop(0)
+            await asyncio.sleep(delay)
+            return {"type": "http.request", "body": b"{}", "more_body": more}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal saw
+            while (message := await receive())["type"] == "http.request" and message["more_body"]:
+                pass
+            saw = "disconnect" if message["type"] == "http.disconnect" else "whole"
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok", "more_body": True})
+            with contextlib.suppress(TimeoutError):  # a streaming response waits for the client to leave
+                async with asyncio.timeout(100.0):
+                    await receive()
+
+        saw = ""
+        await BodyLimit(app, max_bytes=1000, read_timeout_s=1.0)(
+            {"type": "http", "headers": []}, receive, send
+        )
+        return sent, saw
+
+    sent, saw = virtual_time.run(body())
+    assert sent[0]["status"] == expect_status and saw == app_saw
+    if expect_status == 408:
+        assert json.loads(sent[1]["body"])["error"]["code"] == "receive_timeout"
+        assert len(sent) == 2  # the app's own answer after the client "left" is dropped

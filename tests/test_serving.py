@@ -9,6 +9,7 @@ No assert is on elapsed time: a client waits, with a generous guard, for the ser
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import socket
@@ -177,14 +178,24 @@ def _served_soon(server: Server) -> socket.socket:
     return sock
 
 
+def _dropped(server: Server) -> dict[str, int]:
+    """What the server counts as dropped so far, by reason (its ``/dropped`` page)."""
+    with _connect(server) as sock:
+        status, body = _get(sock, "/dropped")
+    assert status == 200
+    return dict(json.loads(body))
+
+
 # -- request heads
 
 
 def test_trickled_head_is_dropped_with_408(plain: Server) -> None:
+    before = _dropped(plain)["header_timeout"]
     with _connect(plain) as sock:
         sent = _trickle_until_closed(sock, b"GET / HTTP/1.1\r\nhost: test\r\n")
     assert sent is not None, "a head trickled one line at a time was never dropped"
     assert sent.startswith(b"HTTP/1.1 408 ")
+    assert _dropped(plain)["header_timeout"] == before + 1  # counted, for the gateway's /metrics
 
 
 def test_silent_connection_is_dropped(plain: Server) -> None:
@@ -231,9 +242,11 @@ def test_tls_connection_without_handshake_is_dropped(tls: Server) -> None:
 
 
 def test_tls_unfinished_handshake_is_dropped(tls: Server) -> None:
+    before = _dropped(tls)["tls_handshake"]
     with _connect(tls, handshake=False) as sock:
         sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello record, never finished
         assert _wait_closed(sock) is not None, "a TLS handshake that never finished stayed open"
+    assert _dropped(tls)["tls_handshake"] == before + 1
 
 
 def test_tls_requests_are_served_and_heads_bounded(tls: Server) -> None:
@@ -291,6 +304,8 @@ def test_connections_per_address_are_bounded(tmp_path: Path) -> None:
         with _connect(server) as extra:
             assert _wait_closed(extra) is not None, "a 4th connection from one address was kept"
         open_ = [sock for sock in held if sock is not None]
+        counted = json.loads(_get(open_[0], "/dropped")[1])  # on a kept-alive one of the three
+        assert counted == {"per_address_limit": 1, "header_timeout": 0, "tls_handshake": 0}
         open_.pop().close()
         open_.append(_served_soon(server))
         # a WebSocket holds its place too, and gives it back when it closes

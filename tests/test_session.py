@@ -563,14 +563,24 @@ def test_close_while_thinking_stops_everything() -> None:
     run(body)
 
 
-def test_a_client_that_stops_streaming_mid_utterance_still_gets_an_answer() -> None:
+@pytest.mark.parametrize(
+    ("silence_duration_ms", "endpoint_s"),
+    [(None, 0.5), (300, 0.3), (2500, 2.5)],  # the config's default, then the session's own setting
+)
+def test_a_client_that_stops_streaming_mid_utterance_still_gets_an_answer(
+    silence_duration_ms: int | None, endpoint_s: float
+) -> None:
     async def body() -> None:
         async with live() as h:
+            if silence_duration_ms is not None:
+                detection = {"type": "server_vad", "silence_duration_ms": silence_duration_ms}
+                await h.text({"type": "session.update", "session": {"turn_detection": detection}})
             await h.mic.play(speaking_turn())  # and then nothing: no silence frames follow
             t_last = h.session._clock()
-            await asyncio.sleep(4.0)
+            await asyncio.sleep(6.0)
             times = dict((s, t) for t, s in h.state_times())
-            assert times["thinking"] == pytest.approx(t_last + 0.5 + 1.0, abs=1e-6)  # endpoint + grace
+            # A stalled stream ends the turn after this session's endpoint plus the grace, as silence would.
+            assert times["thinking"] == pytest.approx(t_last + endpoint_s + 1.0, abs=1e-6)
             assert h.wire.first("response.done")[1]["status"] == "completed"
 
     run(body)

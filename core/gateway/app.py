@@ -358,7 +358,13 @@ class GatewayApp:
     def __init__(self, starlette_app: Starlette, state: GatewayState) -> None:
         self.state = state
         limit = body_limit(state.config.audio.max_upload_mb)
-        self._app = ServerSendTap(BodyLimit(ApiKeyMiddleware(starlette_app, state.api_key), limit))
+        bounded = BodyLimit(
+            ApiKeyMiddleware(starlette_app, state.api_key),
+            limit,
+            read_timeout_s=state.config.service.body_read_timeout_s,
+        )
+        state.metrics.body_refusals = bounded.refusals
+        self._app = ServerSendTap(bounded)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self._app(scope, receive, send)
@@ -403,7 +409,7 @@ def _raise_fd_limit() -> None:
 
 def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Path | None = None) -> int:
     """Serve until stopped; returns the exit status."""
-    from core.serving import limits_from, serve
+    from core.serving import AddressCounter, limits_from, serve
 
     service = config.service
     try:
@@ -424,12 +430,16 @@ def run(config: Config, workers: str | list[str] | None, *, static_dir: str | Pa
             return 2
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     app = create_app(config, addresses, static_dir=static_dir, tls=not service.http)
+    limits = limits_from(service)
+    connections = AddressCounter(limits)
+    app.state.metrics.connection_drops = connections.dropped
     _tune_gc()
     scheme = "http" if service.http else "https"
     log.info("gateway on %s://%s:%d (log %s)", scheme, service.gateway_host, service.gateway_port, log_path)
     serve(
         app,
-        limits=limits_from(service),
+        limits=limits,
+        counter=connections,
         host=service.gateway_host,
         port=service.gateway_port,
         log_level="warning",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from core.gateway.queue_updates import UPDATE_PATHS
@@ -100,6 +100,10 @@ class GatewayMetrics(PoolListener):
         self.worker_counters: dict[int, dict[str, int]] = {}
         #: Waiting WebSocket clients by the path their queue updates take (core.gateway.queue_updates).
         self.queue_update_paths: Counter[str] = Counter()
+        #: Connections the server dropped, by reason (the serving layer's counter, set by the gateway's run).
+        self.connection_drops: Callable[[], Mapping[str, int]] = dict
+        #: Request bodies refused while read, by reason (the body limit's counter, set by the app).
+        self.body_refusals: Mapping[str, int] = {}
 
     def on_dispatch(self, ticket: Ticket) -> None:
         """Count the session and its wait."""
@@ -208,7 +212,30 @@ class GatewayMetrics(PoolListener):
         w.family("gateway_turn_stage_seconds", "summary", "Per-stage turn latencies reported by workers.")
         w.summary("gateway_turn_stage_seconds", (({"stage": k}, s) for k, s in sorted(self.stages.items())))
         self._render_turns(w)
+        self._render_clients(w)
         return w.text()
+
+    def _render_clients(self, w: _Writer) -> None:
+        drops = self.connection_drops()
+        w.family(
+            "gateway_connections_dropped_total",
+            "counter",
+            "Client connections dropped before a request was served, by reason: per_address_limit (the "
+            "address held max_connections_per_address), header_timeout (no complete request head within "
+            "header_timeout_s), tls_handshake (failed or not done within tls_handshake_timeout_s).",
+        )
+        for reason in sorted({"per_address_limit", "header_timeout", "tls_handshake"} | set(drops)):
+            w.sample("gateway_connections_dropped_total", drops.get(reason, 0), {"reason": reason})
+        w.family(
+            "gateway_request_bodies_refused_total",
+            "counter",
+            "Request bodies refused while read, by reason: too_large (past the upload limit) or "
+            "read_timeout (no part for body_read_timeout_s).",
+        )
+        for reason in sorted({"too_large", "read_timeout"} | set(self.body_refusals)):
+            w.sample(
+                "gateway_request_bodies_refused_total", self.body_refusals.get(reason, 0), {"reason": reason}
+            )
 
     @staticmethod
     def _render_workers(w: _Writer, pool: Pool) -> None:

@@ -1,7 +1,8 @@
 """The model interfaces the session and the batch pipeline see: ASR, LLM, TTS and the stack that holds them.
 
 Backends implement these protocols; nothing above this module imports a backend. Every call here is
-blocking and runs on the worker's per-device executor thread, never on the event loop.
+blocking and never runs on the event loop: ASR, LLM and TTS calls come from the worker's per-device executor
+thread, the end-of-turn model's from a session's own one-thread pool (it must not wait behind a reply).
 """
 
 from __future__ import annotations

@@ -320,11 +320,16 @@ class DuplexSession:
                 self._error(ErrorCode.INTERNAL_ERROR, f"a frame could not be handled: {type(exc).__name__}")
 
     async def _next_frame(self) -> str | bytes | None:
-        """The next frame; None when the user was speaking and no frame came for the endpoint window."""
+        """The next frame; None when the user was speaking and no frame came for the endpoint window.
+
+        The window is this session's own endpoint (its ``turn_detection``: the eagerness's maximum silence or
+        ``silence_duration_ms``), so a client that stops streaming is treated like one that sends silence.
+        """
         if self.state is not State.USER_SPEAKING:
             return await self._inbox.get()
+        endpoint_s = self.input.segmenter.config.endpoint_silence / SAMPLE_RATE
         try:
-            async with asyncio.timeout(self.config.duplex.endpoint_silence_ms / 1000 + STALL_GRACE_S):
+            async with asyncio.timeout(endpoint_s + STALL_GRACE_S):
                 return await self._inbox.get()
         except TimeoutError:
             return None

@@ -2,8 +2,9 @@
 
 ``GET /health`` (503 while loading), ``WS /ws/duplex`` (docs/PROTOCOL.md), ``POST /v1/chat`` (audio or text in, reply
 text and speech out), ``POST /v1/transcribe`` (audio in, text and segments out). Models load on a background
-thread after the server starts listening, so /health can say "loading"; every blocking model call runs on the
-stack's single executor thread.
+thread after the server starts listening, so /health can say "loading". The models of a reply (ASR, LLM, TTS)
+are called from the stack's single executor thread; the end-of-turn model is asked on a session's own one-thread
+pool so that it never waits behind a reply, and CTranslate2 decodes on its own threads, driven from the executor.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from core.worker_auth import WorkerSecretMiddleware, resolve_worker_secret
 
 log = logging.getLogger("worker")
 
+#: How long a new session waits for the previous one to finish closing before it is refused as ``busy``.
+HANDOVER_WAIT_S = 1.5
+
 Status = Literal["loading", "idle", "busy", "paused", "error"]
 
 
@@ -78,17 +82,21 @@ class WorkerState:
         if self.stack is None:
             await refuse(ws, ErrorCode.NOT_READY, f"worker is {self.status}")
             return
-        if self.lock.locked():
+        try:
+            # A session that is still closing is waited for: its client may have hung up a moment ago (the
+            # close handshake ends before this process has handled the disconnect) and this is its next one.
+            await asyncio.wait_for(self.lock.acquire(), HANDOVER_WAIT_S)
+        except TimeoutError:
             await refuse(ws, ErrorCode.BUSY, "worker is busy with another session")
             return
-        async with self.lock:
+        try:
             self.status = "busy"
             self.sessions_served += 1
-            try:
-                await serve(ws, self)
-            finally:
-                self.session = None
-                self.status = "idle"
+            await serve(ws, self)
+        finally:
+            self.session = None
+            self.status = "idle"
+            self.lock.release()
 
     def health(self) -> dict[str, Any]:
         """The /health body."""
@@ -269,9 +277,11 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
     app = FastAPI(title="duplex worker", docs_url=None, redoc_url=None, lifespan=lifespan)
     # Every route but /health serves the gateway only (core/worker_auth.py).
     app.add_middleware(WorkerSecretMiddleware, secret=resolve_worker_secret(config.service))
-    app.add_middleware(
-        BodyLimit, max_bytes=body_limit(config.audio.max_upload_mb)
-    )  # outermost: checked first
+    app.add_middleware(  # outermost: checked first
+        BodyLimit,
+        max_bytes=body_limit(config.audio.max_upload_mb),
+        read_timeout_s=config.service.body_read_timeout_s,
+    )
     app.state.worker = state
     app.include_router(
         build_ref_audio_router(
