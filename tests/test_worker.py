@@ -74,12 +74,16 @@ async def test_second_concurrent_session_gets_busy(fake_worker: str) -> None:
 async def test_a_session_opened_as_the_last_one_closes_is_served(fake_worker: str) -> None:
     # A client that hangs up and reconnects at once races the worker's teardown of its first session (the
     # close handshake completes before the worker's handler has seen the disconnect): it must be served.
-    for _ in range(10):
+    for i in range(10):
         ws, got, task = await open_session(f"ws://{fake_worker}/ws/duplex")
         await stream(ws, encode_16k(tone(0.2)), realtime=False)  # a session with work in hand
         await ws.close()
         task.cancel()
         assert got.of("error") == []
+        if i % 2:  # a one-shot request right after the hang-up is served too
+            async with httpx.AsyncClient(base_url=f"http://{fake_worker}", headers=WORKER_HEADERS) as client:
+                r = await client.post("/v1/chat", json={"text": "hello"}, timeout=30)
+            assert r.status_code == 200, r.text
 
 
 async def test_bad_input_gets_errors_and_the_session_survives(fake_worker: str) -> None:

@@ -4,6 +4,7 @@ and a gateway serving through workers it did not start (one goes away and comes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -210,17 +212,23 @@ def _chat_until_ok(base: str) -> None:
     assert r.json().get("reply") or r.json().get("text"), r.json()
 
 
-async def test_a_gateway_reaches_its_workers_over_tls(tmp_path: Path) -> None:
-    """Workers across a network: the worker serves HTTPS/WSS with its own certificate, the gateway (another
-    data folder, as on another host) trusts that certificate and nothing else."""
-    shared = "cluster-secret-0123456789abcdef"
-    worker_dir, gateway_dir = tmp_path / "worker-host", tmp_path / "gateway-host"
-    worker_dir.mkdir()
-    gateway_dir.mkdir()
-    port, gport = free_port(), free_port()
-    worker = _worker(worker_dir, port, _config(worker_dir, worker_secret=shared, worker_tls=True))
-    cert = worker_dir / "data" / "tls-worker" / "cert.pem"
-    gateway: subprocess.Popen[bytes] | None = None
+@dataclass(frozen=True)
+class TLSWorker:
+    """A worker serving HTTPS/WSS with the certificate it made (a data folder of its own, as on another host)."""
+
+    port: int
+    cert: Path
+
+
+TLS_SECRET = "cluster-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def tls_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSWorker]:
+    folder = tmp_path_factory.mktemp("worker-host")
+    port = free_port()
+    proc = _worker(folder, port, _config(folder, worker_secret=TLS_SECRET, worker_tls=True))
+    cert = folder / "data" / "tls-worker" / "cert.pem"
     try:
         _until(cert.is_file, 60)
         _until(
@@ -229,50 +237,49 @@ async def test_a_gateway_reaches_its_workers_over_tls(tmp_path: Path) -> None:
             ),
             60,
         )
-        with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS worker
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-        refused = httpx.post(
-            f"https://127.0.0.1:{port}/v1/chat", json={"text": "hi"}, verify=str(cert), timeout=10
-        )
-        assert refused.status_code == 401  # TLS does not replace the secret
-        config = _config(gateway_dir, worker_secret=shared, worker_tls=True, worker_ca_file=str(cert))
-        args = ["--http", "--host", "127.0.0.1", "--port", str(gport), "--workers", f"127.0.0.1:{port}"]
-        gateway = _start("gateway.py", [*args, "--config", str(config)], gateway_dir, "gateway")
-        base = f"http://127.0.0.1:{gport}"
+        yield TLSWorker(port, cert)
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def _gateway_to(worker: TLSWorker, folder: Path, **service: object) -> Iterator[str]:
+    """A gateway (its own data folder) with ``worker`` as its only worker, over TLS; yields its base URL."""
+    folder.mkdir()
+    port = free_port()
+    config = _config(folder, worker_secret=TLS_SECRET, worker_tls=True, **service)
+    args = ["--http", "--host", "127.0.0.1", "--port", str(port), "--workers", f"127.0.0.1:{worker.port}"]
+    gateway = _start("gateway.py", [*args, "--config", str(config)], folder, "gateway")
+    try:
+        base = f"http://127.0.0.1:{port}"
         wait_healthy(base, gateway, 60)
+        yield base
+    finally:
+        stop(gateway)
+
+
+async def test_a_gateway_reaches_its_workers_over_tls(tls_worker: TLSWorker, tmp_path: Path) -> None:
+    """Workers across a network: the worker serves HTTPS/WSS with its own certificate, the gateway (another
+    data folder, as on another host) trusts that certificate and nothing else."""
+    worker = f"127.0.0.1:{tls_worker.port}"
+    with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS worker
+        httpx.get(f"http://{worker}/health", timeout=5)
+    refused = httpx.post(
+        f"https://{worker}/v1/chat", json={"text": "hi"}, verify=str(tls_worker.cert), timeout=10
+    )
+    assert refused.status_code == 401  # TLS does not replace the secret
+    with _gateway_to(tls_worker, tmp_path / "gateway-host", worker_ca_file=str(tls_worker.cert)) as base:
         _chat_until_ok(base)
-        async with connect(f"ws://127.0.0.1:{gport}/ws/duplex", open_timeout=30) as ws:
+        async with connect(f"ws{base[4:]}/ws/duplex", open_timeout=30) as ws:
             while (event := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != "session.created":
                 pass
             assert event["session"]["id"]
-    finally:
-        if gateway is not None:
-            stop(gateway)
-        stop(worker)
 
 
-def test_a_gateway_refuses_a_worker_certificate_it_does_not_trust(tmp_path: Path) -> None:
-    shared = "cluster-secret-0123456789abcdef"
-    worker_dir, gateway_dir = tmp_path / "worker-host", tmp_path / "gateway-host"
-    worker_dir.mkdir()
-    gateway_dir.mkdir()
-    port, gport = free_port(), free_port()
-    worker = _worker(worker_dir, port, _config(worker_dir, worker_secret=shared, worker_tls=True))
-    cert = worker_dir / "data" / "tls-worker" / "cert.pem"
-    gateway: subprocess.Popen[bytes] | None = None
-    try:
-        _until(cert.is_file, 60)
-        _until(
-            lambda: (
-                httpx.get(f"https://127.0.0.1:{port}/health", verify=str(cert), timeout=5).status_code == 200
-            ),
-            60,
-        )
-        config = _config(gateway_dir, worker_secret=shared, worker_tls=True)  # no worker_ca_file: system CAs
-        args = ["--http", "--host", "127.0.0.1", "--port", str(gport), "--workers", f"127.0.0.1:{port}"]
-        gateway = _start("gateway.py", [*args, "--config", str(config)], gateway_dir, "gateway")
-        base = f"http://127.0.0.1:{gport}"
-        wait_healthy(base, gateway, 60)
+def test_a_gateway_refuses_a_worker_certificate_it_does_not_trust(
+    tls_worker: TLSWorker, tmp_path: Path
+) -> None:
+    with _gateway_to(tls_worker, tmp_path / "gateway-host") as base:  # no worker_ca_file: system CAs only
 
         def refused() -> bool:
             (entry,) = httpx.get(f"{base}/health", timeout=5).json()["workers"]
@@ -281,7 +288,3 @@ def test_a_gateway_refuses_a_worker_certificate_it_does_not_trust(tmp_path: Path
         _until(refused)  # the health check names why the worker is out
         health = httpx.get(f"{base}/health", timeout=5).json()
         assert health["status"] != "ok", health
-    finally:
-        if gateway is not None:
-            stop(gateway)
-        stop(worker)

@@ -82,21 +82,35 @@ class WorkerState:
         if self.stack is None:
             await refuse(ws, ErrorCode.NOT_READY, f"worker is {self.status}")
             return
-        try:
-            # A session that is still closing is waited for: its client may have hung up a moment ago (the
-            # close handshake ends before this process has handled the disconnect) and this is its next one.
-            await asyncio.wait_for(self.lock.acquire(), HANDOVER_WAIT_S)
-        except TimeoutError:
+        if not await self.claim():
             await refuse(ws, ErrorCode.BUSY, "worker is busy with another session")
             return
         try:
-            self.status = "busy"
             self.sessions_served += 1
             await serve(ws, self)
         finally:
-            self.session = None
-            self.status = "idle"
-            self.lock.release()
+            self.release()
+
+    async def claim(self) -> bool:
+        """Take the worker for one session or request (then :meth:`release` it); False when another still
+        holds it after ``HANDOVER_WAIT_S``.
+
+        The wait is for a session that is closing: its client may have hung up a moment ago (the close
+        handshake ends before this process has handled the disconnect) and this is its next request.
+        """
+        try:
+            async with asyncio.timeout(HANDOVER_WAIT_S):
+                await self.lock.acquire()
+        except TimeoutError:
+            return False
+        self.status = "busy"
+        return True
+
+    def release(self) -> None:
+        """Give the worker back after :meth:`claim`."""
+        self.session = None
+        self.status = "idle"
+        self.lock.release()
 
     def health(self) -> dict[str, Any]:
         """The /health body."""
@@ -302,31 +316,30 @@ def create_app(config: Config, build_stack: Callable[[], ModelStack], index: int
     ):
         if state.stack is None:
             return _json_error(503, ErrorCode.NOT_READY, f"worker is {state.status}")
-        if state.lock.locked():
+        # Claimed before the body is read: a request never waits behind a session that starts meanwhile.
+        if not await state.claim():
             return _json_error(409, ErrorCode.BUSY, "worker is busy with another session")
         try:
-            audio, opts = await _read_audio(request, config)
-        except _TooLarge as exc:
-            return _json_error(413, ErrorCode.PAYLOAD_TOO_LARGE, str(exc))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            return _json_error(400, ErrorCode.INVALID_EVENT, f"{where}: {first['msg']}")
-        except AudioError as exc:
-            code = ErrorCode.BAD_JSON if exc.kind == "bad_json" else ErrorCode.BAD_AUDIO
-            return _json_error(400, code, str(exc))
-        async with state.lock:
-            state.status = "busy"
             try:
-                loop = asyncio.get_running_loop()
-                return JSONResponse(await loop.run_in_executor(state.executor, job, state.stack, audio, opts))
+                audio, opts = await _read_audio(request, config)
+            except _TooLarge as exc:
+                return _json_error(413, ErrorCode.PAYLOAD_TOO_LARGE, str(exc))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "body"
+                return _json_error(400, ErrorCode.INVALID_EVENT, f"{where}: {first['msg']}")
             except AudioError as exc:
-                return _json_error(400, ErrorCode.BAD_AUDIO, str(exc))
-            except Exception:
-                log.exception("one-shot request failed")
-                return _json_error(500, ErrorCode.INTERNAL_ERROR, "the models failed on this request")
-            finally:
-                state.status = "idle"
+                code = ErrorCode.BAD_JSON if exc.kind == "bad_json" else ErrorCode.BAD_AUDIO
+                return _json_error(400, code, str(exc))
+            loop = asyncio.get_running_loop()
+            return JSONResponse(await loop.run_in_executor(state.executor, job, state.stack, audio, opts))
+        except AudioError as exc:
+            return _json_error(400, ErrorCode.BAD_AUDIO, str(exc))
+        except Exception:
+            log.exception("one-shot request failed")
+            return _json_error(500, ErrorCode.INTERNAL_ERROR, "the models failed on this request")
+        finally:
+            state.release()
 
     @app.post("/v1/transcribe")
     async def transcribe(request: Request) -> JSONResponse:

@@ -105,10 +105,11 @@ def _worker(request: Request) -> Any:
     return request.app.state.worker
 
 
-def _refusal(state: Any) -> JSONResponse | None:
+async def _claim(state: Any) -> JSONResponse | None:
+    """Take the worker (``WorkerState.claim``); the refusal to send when it cannot be had."""
     if state.stack is None:
         return _error(503, ErrorCode.NOT_READY, f"worker is {state.status}")
-    if state.lock.locked():
+    if not await state.claim():
         return _error(409, ErrorCode.BUSY, "worker is busy with another session")
     return None
 
@@ -134,22 +135,20 @@ def speech_router() -> APIRouter:
         body = await _body(request, SpeechIn)
         if isinstance(body, Response):
             return body
-        refused = _refusal(state)
+        refused = await _claim(state)
         if refused is not None:
             return refused
         voices = state.stack.tts.voices
         voice = body.voice if body.voice in voices else state.config.duplex.voice
-        async with state.lock:
-            state.status = "busy"
-            try:
-                loop = asyncio.get_running_loop()
-                job = functools.partial(_speak_blocking, state.stack, body.input, voice, body.response_format)
-                audio = await loop.run_in_executor(state.executor, job)
-            except Exception:
-                log.exception("speech failed")
-                return _error(500, ErrorCode.INTERNAL_ERROR, "the TTS failed on this request")
-            finally:
-                state.status = "idle"
+        try:
+            loop = asyncio.get_running_loop()
+            job = functools.partial(_speak_blocking, state.stack, body.input, voice, body.response_format)
+            audio = await loop.run_in_executor(state.executor, job)
+        except Exception:
+            log.exception("speech failed")
+            return _error(500, ErrorCode.INTERNAL_ERROR, "the TTS failed on this request")
+        finally:
+            state.release()
         return Response(audio, media_type=MEDIA_TYPES[body.response_format])
 
     @router.post("/v1/text_chat")
@@ -158,15 +157,10 @@ def speech_router() -> APIRouter:
         body = await _body(request, TextChatIn)
         if isinstance(body, Response):
             return body
-        refused = _refusal(state)
+        refused = await _claim(state)
         if refused is not None:
             return refused
-        await state.lock.acquire()  # free (checked above): returns without yielding
-        state.status = "busy"
-
-        def release() -> None:
-            state.status = "idle"
-            state.lock.release()
+        release = state.release
 
         limit = min(body.max_tokens or state.config.model.max_new_tokens, 4096)
         messages = [ChatMessage(m.role, m.content) for m in body.messages]  # no voice persona: a text API
