@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.gateway.client import Protocol
 
@@ -71,21 +72,18 @@ def spawn(args: list[str], tmp: Path, cpu: int | None) -> subprocess.Popen[bytes
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds process ``pid`` has used."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return float("nan")
+    return float(times.user + times.system)
 
 
 def rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MiB."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+        return float(psutil.Process(pid).memory_info().rss) / (1 << 20)
+    except psutil.Error:
+        return float("nan")
 
 
 class Cluster:
