@@ -2,13 +2,14 @@
 # Starts one worker per visible GPU (or CPU workers with the embedded stack), each under a supervisor that
 # restarts it after a crash, waits until all are healthy, starts the gateway, prints the URL and returns.
 #   bash start_all.sh [--http] [--compile] [--cpu-workers N] [--port P] [--config F] [--dry-run]
+#   bash start_all.sh --workers-only [--config F]  only the workers, for a gateway on another host (prints their addresses)
 #   bash start_all.sh --stop                      stop exactly what start_all.sh started (tmp/*.pid)
 #   bash start_all.sh --distill MANIFEST [--output OUT.jsonl] [--batch-size N]   batch transcription, one shard per GPU
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "start_all.sh: .venv missing: run bash install.sh first" >&2; exit 1; }
-HTTP=0; COMPILE=0; CPU_WORKERS=""; PORT=""; CONFIG=""; STOP=0; DISTILL=""; OUTPUT=""; BATCH=""; DRY=0
+HTTP=0; COMPILE=0; CPU_WORKERS=""; PORT=""; CONFIG=""; STOP=0; DISTILL=""; OUTPUT=""; BATCH=""; DRY=0; WORKERS_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --http) HTTP=1 ;;
@@ -21,6 +22,7 @@ while [ $# -gt 0 ]; do
     --output) OUTPUT="$2"; shift ;;
     --batch-size) BATCH="$2"; shift ;;
     --dry-run) DRY=1 ;;
+    --workers-only) WORKERS_ONLY=1 ;;
     -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
     *) echo "start_all.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -102,11 +104,15 @@ fi
 if [ "$DRY" = 0 ] && alive $T/gateway.pid; then
   echo "already running (gateway pid $(cat $T/gateway.pid)); stop it with: bash start_all.sh --stop"; exit 1
 fi
-BASE=$(cfg c.service.worker_base_port)
-GW_PORT=${PORT:-$(cfg c.service.gateway_port)}
+read -r BASE GW_PORT_CFG WHOST WTLS < <(cfg "c.service.worker_base_port, c.service.gateway_port, c.service.worker_host, c.service.worker_tls")
+GW_PORT=${PORT:-$GW_PORT_CFG}
+# Where the workers are reached: their bind address, or loopback for a wildcard bind; https with worker_tls.
+case "$WHOST" in 0.0.0.0|::|"") WHOST=127.0.0.1 ;; esac
+case "$WHOST" in *:*) WHOST="[$WHOST]" ;; esac
+WSCHEME=http; [ "$WTLS" = True ] && WSCHEME=https
 ADDRS=()
 for i in $(seq 0 $((N - 1))); do
-  port=$((BASE + i)); ADDRS+=("127.0.0.1:$port")
+  port=$((BASE + i)); ADDRS+=("$WHOST:$port")
   [ "$DRY" = 0 ] && alive "$T/worker_$i.pid" && { echo "worker $i already running"; continue; }
   args=(worker.py --worker-index "$i" --port "$port" $STACK)
   envs=()  # the worker's GPU goes in its environment, so an id of any form reaches CUDA unchanged
@@ -133,12 +139,21 @@ wait_health() {  # url, name, pidfile, timeout_s
   done
 }
 for i in $(seq 0 $((N - 1))); do
-  wait_health "http://127.0.0.1:$((BASE + i))/health" "worker_$i" "$T/worker_$i.pid" 900 || { bash "$0" --stop ${CONFIG:+--config "$CONFIG"}; exit 1; }
+  wait_health "$WSCHEME://${ADDRS[$i]}/health" "worker_$i" "$T/worker_$i.pid" 900 || { bash "$0" --stop ${CONFIG:+--config "$CONFIG"}; exit 1; }
   echo "worker $i healthy"
 done
+WORKERS=$(IFS=,; echo "${ADDRS[*]}")
+
+if [ "$WORKERS_ONLY" = 1 ]; then  # the gateway runs on another host (docs/ARCHITECTURE.md, security model)
+  echo
+  echo "workers ready: $WORKERS"
+  echo "on the gateway host: python gateway.py --workers $WORKERS, with this host's service.worker_secret"
+  [ "$WTLS" = True ] && echo "       and service.worker_tls true, service.worker_ca_file a copy of $(cfg c.service.data_dir)/tls-worker/cert.pem (unless worker_tls_cert is set)"
+  echo "logs:  $T/worker_N.log   stop: bash start_all.sh --stop${CONFIG:+ --config $CONFIG}"
+  exit 0
+fi
 
 # --- gateway -----------------------------------------------------------------------------------------
-WORKERS=$(IFS=,; echo "${ADDRS[*]}")
 gw=(gateway.py --port "$GW_PORT" --workers "$WORKERS")
 [ "$HTTP" = 1 ] && gw+=(--http)
 [ -n "$CONFIG" ] && gw+=(--config "$CONFIG")

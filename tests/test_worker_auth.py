@@ -87,7 +87,7 @@ def _start(script: str, args: list[str], folder: Path, name: str) -> subprocess.
     )
 
 
-def _config(folder: Path, **service: object) -> Path:
+def _config(folder: Path, model: dict[str, object] | None = None, **service: object) -> Path:
     path = folder / "config.json"
     body = {
         "service": {
@@ -95,7 +95,8 @@ def _config(folder: Path, **service: object) -> Path:
             "log_dir": str(folder),
             "health_interval_s": 0.2,
             **service,
-        }
+        },
+        "model": model or {},
     }
     path.write_text(json.dumps(body))
     return path
@@ -162,34 +163,52 @@ async def test_a_worker_refuses_a_websocket_without_the_secret_and_serves_one_wi
 # --- a gateway with workers it did not start --------------------------------------------------------------
 
 
-def test_a_gateway_serves_through_a_worker_it_did_not_start_that_goes_away_and_comes_back(
-    tmp_path: Path,
-) -> None:
-    """The worker runs on its own (as its own start_all.sh on another host would), sharing only the secret
-    in config; the gateway is pointed at it with --workers."""
+def _start_all(*args: str) -> str:
+    out = subprocess.run(
+        ["bash", "start_all.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_a_gateway_serves_through_workers_it_did_not_start_that_go_away_and_come_back(tmp_path: Path) -> None:
+    """Another host's own ``start_all.sh --workers-only`` (here a data folder and loopback ports of its own),
+    over TLS with the shared secret from its config; the gateway is pointed at what it printed."""
     shared = "cluster-secret-0123456789abcdef"
     worker_dir, gateway_dir = tmp_path / "worker-host", tmp_path / "gateway-host"
     worker_dir.mkdir()
     gateway_dir.mkdir()
-    port, gport = free_port(), free_port()
-    worker = _worker(worker_dir, port, _config(worker_dir, worker_secret=shared))
-    gateway_args = ["--http", "--host", "127.0.0.1", "--port", str(gport), "--workers", f"127.0.0.1:{port}"]
-    gateway = _start("gateway.py", [*gateway_args, "--config", str(_config(gateway_dir, worker_secret=shared))],
-                     gateway_dir, "gateway")  # fmt: skip
-    base = f"http://127.0.0.1:{gport}"
+    worker_cfg = _config(
+        worker_dir,
+        worker_secret=shared,
+        worker_tls=True,
+        worker_base_port=free_port(),
+        model={"stack": "fake"},
+    )
+    printed = _start_all("--workers-only", "--config", str(worker_cfg))
+    gateway: subprocess.Popen[bytes] | None = None
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", worker, 60)
+        (addresses,) = [
+            line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("workers ready:")
+        ]
+        assert "gateway.pid" not in {p.name for p in worker_dir.iterdir()}  # no gateway on the workers' host
+        cert = worker_dir / "data" / "tls-worker" / "cert.pem"
+        gport = free_port()
+        gateway_cfg = _config(gateway_dir, worker_secret=shared, worker_tls=True, worker_ca_file=str(cert))
+        args = ["--http", "--host", "127.0.0.1", "--port", str(gport), "--workers", addresses]
+        gateway = _start("gateway.py", [*args, "--config", str(gateway_cfg)], gateway_dir, "gateway")
+        base = f"http://127.0.0.1:{gport}"
         wait_healthy(base, gateway, 60)
         _chat_until_ok(base)
-        stop(worker)  # the worker goes away
+        _start_all("--stop", "--config", str(worker_cfg))  # the workers' host goes away
         _until(lambda: httpx.get(f"{base}/health", timeout=5).json()["status"] != "ok")
-        worker = _worker(worker_dir, port, _config(worker_dir, worker_secret=shared))  # and comes back
-        wait_healthy(f"http://127.0.0.1:{port}", worker, 60)
+        _start_all("--workers-only", "--config", str(worker_cfg))  # and comes back
         _chat_until_ok(base)
         assert not (gateway_dir / "data" / FILE_NAME).exists()  # the configured secret was used, no file
     finally:
-        stop(gateway)
-        stop(worker)
+        if gateway is not None:
+            stop(gateway)
+        _start_all("--stop", "--config", str(worker_cfg))
 
 
 def _until(check: object, timeout: float = 30.0) -> None:
