@@ -127,6 +127,16 @@ def test_response_create_commits_only_when_nothing_is_committed() -> None:
     ]
     assert t.from_client('{"type": "response.create"}').to_session == []  # the commit already asked for one
     assert t.from_client('{"type": "response.cancel"}').to_session == ['{"type":"response.cancel"}']
+    # a cancel before any response.* came: nothing is awaited any more, the next create commits again
+    assert t.from_client('{"type": "response.create"}').to_session == ['{"type":"input_audio_buffer.commit"}']
+
+
+def test_a_turn_without_words_does_not_swallow_the_next_response_create() -> None:
+    # A committed turn that heard no words sends no response.*; new speech starts a new turn all the same.
+    t = started()
+    assert t.from_client('{"type": "input_audio_buffer.commit"}').to_session
+    t.from_session(dump_event(SpeechStarted(audio_start_ms=1000)))
+    assert t.from_client('{"type": "response.create"}').to_session == ['{"type":"input_audio_buffer.commit"}']
 
 
 def test_one_spoken_turn_becomes_the_realtime_event_sequence() -> None:

@@ -386,6 +386,52 @@ def test_short_sounds_while_speaking_do_not_barge_in() -> None:
     run(body)
 
 
+@pytest.mark.parametrize("murmur_s", [0.2, 0.21])  # at least min_speech (200 ms), under barge-in (250 ms)
+def test_speech_that_begins_during_the_reply_and_goes_on_after_it_is_a_turn(murmur_s: float) -> None:
+    # A murmur as the reply ends, and the user goes on talking: the utterance began while the assistant spoke
+    # (its start was spent there), so reaching the barge-in length after the reply ended starts the turn.
+    async def body() -> None:
+        replies = {"transcript": ["first question", "second question"], "reply": ["Short answer.", "Second."]}
+        async with live({"min_speech_ms": 200, "barge_in_min_speech_ms": 250}, **replies) as h:
+            await h.mic.play(speaking_turn())
+            await h.mic.silence_until(lambda: bool(h.wire.audio_times()))
+            await h.mic.play(tone(murmur_s))
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            await h.mic.play(tone(1.0))  # within the murmur's endpoint silence
+            await h.mic.silence_until(lambda: len(h.wire.events("response.done")) == 2)
+            heard = [
+                e["transcript"]
+                for _, e in h.wire.events("conversation.item.input_audio_transcription.completed")
+            ]
+            assert heard == ["first question", "second question"]
+            assert [e["status"] for _, e in h.wire.events("response.done")] == ["completed", "completed"]
+            assert h.wire.types().count("input_audio_buffer.speech_started") == 2
+
+    run(body)
+
+
+def test_a_barge_in_while_response_done_is_written_does_not_cancel_the_finished_reply() -> None:
+    async def body() -> None:
+        async with live() as h:
+            wire_text = h.wire.send_text
+
+            async def slow_socket(text: str) -> None:  # the write of response.done takes 0.6 s
+                await wire_text(text)
+                if '"response.done"' in text:
+                    await asyncio.sleep(0.6)
+
+            h.session.sender._send_text = slow_socket
+            await h.mic.play(speaking_turn())
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            await h.mic.play(tone(0.64))  # the user talks while that write is under way
+            await h.mic.silence(3.0)
+            done = [(e["response_id"], e["status"]) for _, e in h.wire.events("response.done")]
+            assert done == [("resp_1", "completed"), ("resp_2", "completed")]
+            assert "response.output_audio.clear" not in h.wire.types()
+
+    run(body)
+
+
 def test_response_cancel_stops_the_reply() -> None:
     async def body() -> None:
         async with live(reply=LONG_REPLY, seconds_per_char=0.05) as h:

@@ -413,3 +413,91 @@ def test_without_partials_the_final_pass_has_no_prefix() -> None:
             assert h.session.timeline.of_kind("partial") == [] and h.asr.prefixes == []
 
     run(body)
+
+
+# ------------------------------------------------------------------------------- drafts at the edges
+
+
+def test_a_failed_draft_that_is_discarded_sends_no_error() -> None:
+    async def body() -> None:
+        server_vad = {"turn_detection": "server_vad", "preemptive_reply": True, "endpoint_silence_ms": 2000}
+        async with live(server_vad, transcript=["first half", "whole thing"]) as h:
+            h.llm.error = RuntimeError("boom")  # the draft's LLM fails
+            await h.mic.play(np.concatenate([silence(0.48), tone(0.8), silence(0.9)]))
+            assert h.session.counters.preemptive_started == 1
+            h.llm.error = None
+            await h.mic.play(tone(0.8))  # the user goes on: the failed draft is discarded
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            await h.mic.silence(0.5)
+            assert h.wire.events("error") == []  # nothing of a discarded draft reaches the client
+            assert [(e["response_id"], e["status"]) for _, e in h.wire.events("response.done")] == [
+                ("resp_2", "completed")
+            ]
+
+    run(body)
+
+
+def test_a_failed_draft_that_is_adopted_reports_its_error_with_its_response() -> None:
+    async def body() -> None:
+        async with live({"turn_detection": "server_vad", "preemptive_reply": True}) as h:
+            h.llm.error = RuntimeError("boom")
+            await h.mic.play(speaking_turn())
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            types = h.wire.types()
+            assert "llm failed" in h.wire.first("error")[1]["message"]
+            assert types.index("response.created") < types.index("error") < types.index("response.done")
+            assert h.wire.first("response.done")[1]["status"] == "failed"
+
+    run(body)
+
+
+def test_speech_during_the_final_transcript_check_does_not_wedge_the_session() -> None:
+    # The draft heard less than the confirmed utterance, so its words are checked; meanwhile the user says
+    # "uh ... um" (each too short to barge in). The turn must still be answered and the session listen again.
+    async def body() -> None:
+        duplex = {"turn_detection": "server_vad", "preemptive_reply": True, "endpoint_silence_ms": 2000,
+                  "barge_in_min_speech_ms": 700}  # fmt: skip
+        async with live(duplex, transcript=["what is the weather like"] * 2, asr_latency=0.8) as h:
+            await h.mic.play(np.concatenate([silence(0.48), tone(0.8), silence(0.5)]))
+            await h.text({"type": "input_audio_buffer.commit"})
+            await h.mic.play(np.concatenate([tone(0.25), silence(0.25), tone(0.25)]))
+            await h.mic.silence(6.0)
+            assert h.session.state.value == "listening"
+            assert [e["status"] for _, e in h.wire.events("response.done")] == ["completed"]
+            c = h.session.counters
+            assert (c.preemptive_started, c.preemptive_used, c.preemptive_discarded) == (1, 1, 0)
+
+    run(body)
+
+
+def test_a_session_update_after_the_pause_is_what_the_reply_uses() -> None:
+    from tests.test_session import decode_reply, dominant_hz
+
+    async def body() -> None:
+        async with live(
+            {"turn_detection": "server_vad", "preemptive_reply": True, "endpoint_silence_ms": 1000}
+        ) as h:
+            await h.mic.play(np.concatenate([silence(0.48), tone(0.8), silence(0.4)]))  # the draft starts
+            assert h.session.counters.preemptive_started == 1
+            await h.text({"type": "session.update", "session": {"voice": "low", "instructions": "Be terse."}})
+            await h.mic.silence_until(lambda: "response.done" in h.wire.types())
+            assert h.llm.calls[-1][0].content == "Be terse."  # the reply heard was made with the new settings
+            assert dominant_hz(decode_reply(h.wire.packets())[2400:-2400]) < 300  # "low", not "tone" (440 Hz)
+            c = h.session.counters
+            assert (c.preemptive_used, c.preemptive_discarded) == (0, 1)
+            assert h.wire.first("response.done")[1]["status"] == "completed"
+
+    run(body)
+
+
+def test_a_draft_held_when_the_session_closes_is_counted_discarded() -> None:
+    async def body() -> None:
+        server_vad = {"turn_detection": "server_vad", "preemptive_reply": True, "endpoint_silence_ms": 2000}
+        async with live(server_vad) as h:
+            await h.mic.play(np.concatenate([silence(0.48), tone(0.8), silence(0.5)]))
+            await h.text({"type": "session.close"})
+            await h.runner
+            c = h.session.counters
+            assert (c.preemptive_started, c.preemptive_used, c.preemptive_discarded) == (1, 0, 1)
+
+    run(body)

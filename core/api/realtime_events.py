@@ -177,6 +177,7 @@ class RealtimeTranslator:
                 self.awaiting = True
                 actions.to_session.append('{"type":"input_audio_buffer.commit"}')
         elif kind == "response.cancel":
+            self.awaiting = False  # nothing is awaited after a cancel, even one before response.created
             actions.to_session.append('{"type":"response.cancel"}')
         else:
             supported = ", ".join(CLIENT_EVENTS)
@@ -260,6 +261,8 @@ class RealtimeTranslator:
         return [{"type": "session.updated", "session": self.session_view(event["session"])}]
 
     def _speech_started(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        # A new utterance: a turn still awaited (one that found no words sends no response.*) is over.
+        self.awaiting = False
         self.user_item = self._new_item()
         self._speech_ms = (int(event.get("audio_start_ms", 0)), int(event.get("audio_start_ms", 0)))
         return [

@@ -365,6 +365,7 @@ class DuplexSession:
 
     async def _shutdown(self) -> None:
         self._dispatch(Event.CLOSE, reason="server_closed")  # no-op when already closed
+        self._discard_draft("closed")  # a draft held at a pause: counted, so started = used + discarded
         extra = (self._draft_task, self._judge_task, self._partial_task)
         for task in (self._turn_task, self._pause_timer, *extra, *self._tasks):
             if task is not None and task is not self._sender_task:
@@ -404,6 +405,14 @@ class DuplexSession:
                 self._on_pause(event)
             elif event.kind is Event.SPEECH_RESUME:
                 self._on_resume()
+            elif (
+                event.kind is Event.BARGE_IN
+                and self.state is State.LISTENING
+                and self.input.segmenter.started
+            ):
+                # Speech that began while the reply was still out (too short then to barge in) and went on
+                # after it ended: its SPEECH_START was spent while speaking, so the user's turn starts here.
+                self._dispatch(Event.SPEECH_START, voice=event)
             else:
                 self._dispatch(event.kind, voice=event)
         if listening:
@@ -518,6 +527,10 @@ class DuplexSession:
             self._judge_task = None
 
     def _on_resume(self) -> None:
+        if self.state is not State.USER_SPEAKING:
+            # Not the user's turn resuming but new speech after it ended (while its final transcript is
+            # checked, or during the reply): too short yet to barge in, it must not touch that turn's draft.
+            return
         self._pause_seq += 1
         self._stop_judging()
         if self._draft is not None:
@@ -691,6 +704,11 @@ class DuplexSession:
         if draft.outcome == "empty":  # it already found nothing to answer
             asyncio.get_running_loop().call_soon(self._empty_turn_done, draft)
 
+    def _same_settings(self, turn: Turn) -> bool:
+        """``turn`` was started with the session's current instructions, language and voice."""
+        r, s = turn.request, self.settings
+        return (r.instructions, r.language, r.voice) == (s.instructions, s.language, s.voice)
+
     def _empty_turn_done(self, turn: Turn) -> None:
         if self._turn is turn:
             self._turn = self._turn_task = None
@@ -716,11 +734,11 @@ class DuplexSession:
         await draft.transcribed.wait()
         if self._draft is not draft:  # cancelled meanwhile
             return
-        if final and same_words(final, draft.transcript):
+        if final and same_words(final, draft.transcript) and self._same_settings(draft):
             self._adopt(draft, task, voice)
             draft.judged(*how)
             return
-        self._discard_draft("transcript_differs")
+        self._discard_draft("transcript_differs" if self._same_settings(draft) else "settings_changed")
         self._begin_turn(voice, audio, transcript=final, how=how)
 
     def _dispatch(
@@ -756,6 +774,9 @@ class DuplexSession:
         known = self._pause_text
         how = self._how_it_ended(voice)
         draft, draft_voice, task = self._draft, self._draft_voice, self._draft_task
+        if draft is not None and not self._same_settings(draft):
+            self._discard_draft("settings_changed")  # a session.update came after the pause: answer anew
+            draft = None
         if draft is not None and draft_voice is not None:
             audio = self._utterance_audio(voice)
             self._floor = voice.at
@@ -906,7 +927,6 @@ class DuplexSession:
             executor=self._executor,
             outbox=self.outbox,
             clock=self._clock,
-            on_error=lambda message: self._error(ErrorCode.INTERNAL_ERROR, message),
             max_new_tokens=self.config.model.max_new_tokens,
             bitrate=self.config.audio.output_bitrate,
             on_audio=(lambda pcm: recorder.assistant_audio(index, pcm)) if recorder else None,

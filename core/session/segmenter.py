@@ -98,6 +98,11 @@ class SpeechSegmenter:
         return self._onset is not None
 
     @property
+    def started(self) -> bool:
+        """The utterance in progress has reached ``min_speech`` (its SPEECH_START was raised)."""
+        return self._started
+
+    @property
     def onset(self) -> int | None:
         """Start sample of the utterance in progress, if any."""
         return self._onset

@@ -239,8 +239,11 @@ class Sender:
             await self._audio(item.generation, item.audio, item.clause)
         elif item.done is not None:
             stats = self.take_stats(item.generation)
-            await self._text(item.done(stats, self._clock()))
+            text = item.done(stats, self._clock())
+            # The reply is over once its response.done is made: a barge-in handled while a slow socket
+            # takes that write must not cancel (and report cancelled) a reply already reported completed.
             self._on_done(item.generation)
+            await self._text(text)
         elif item.text is not None:
             await self._text(item.text)
 

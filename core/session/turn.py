@@ -31,6 +31,8 @@ from core.audio.opus import OpusEncoder
 from core.models.base import OUTPUT_SAMPLE_RATE, ChatMessage, ModelStack, PrefixASR
 from core.models.chat import bound_history
 from core.protocol import (
+    ErrorCode,
+    ErrorEvent,
     ResponseCreated,
     ResponseDone,
     ResponseOutputAudioClear,
@@ -96,13 +98,12 @@ class TurnRequest:
 
 @dataclass(frozen=True)
 class TurnDeps:
-    """What a turn runs on; ``on_error`` sends an ``error`` event, ``on_audio`` sees TTS audio (recording)."""
+    """What a turn runs on; ``on_audio`` sees TTS audio (recording)."""
 
     stack: ModelStack
     executor: Executor | None
     outbox: Outbox
     clock: Callable[[], float]
-    on_error: Callable[[str], None]
     max_new_tokens: int = 200
     bitrate: int = 32_000
     on_audio: Callable[[np.ndarray], None] | None = None
@@ -328,7 +329,9 @@ class Turn:
     def _fail(self, stage: str, exc: BaseException) -> None:
         log.error("turn %d: %s failed", self.request.index, stage, exc_info=exc)
         message = f"{stage} failed: {type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
-        self.deps.on_error(message)
+        # In the turn's own lane, like the rest of its reply: a preemptive draft's failure is held with it,
+        # and dropped with it when the draft is discarded (nothing of a discarded draft reaches the client).
+        self._put(ErrorEvent(code=ErrorCode.INTERNAL_ERROR, message=message))
         self._create()
         self._finish("failed")
 
