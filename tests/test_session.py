@@ -26,6 +26,7 @@ from core.audio.opus import OpusDecoder, OpusEncoder
 from core.config import Config, DuplexConfig
 from core.models.fake import FakeASR, FakeLLM, FakeTTS, build_fake_stack
 from core.session.duplex import DuplexSession
+from core.session.sender import CONTROL_BACKLOG
 from tests import virtual_time
 
 SR = 16_000
@@ -705,6 +706,40 @@ def test_bad_client_events_get_error_events_and_the_session_survives() -> None:
             await h.mic.play(speaking_turn())
             await h.mic.silence_until(lambda: "response.done" in h.wire.types())
             assert h.wire.first("response.done")[1]["status"] == "completed"
+
+    run(body)
+
+
+def test_a_client_that_floods_bad_frames_without_reading_is_stopped_being_read() -> None:
+    """Each bad frame earns an error event; a client that never reads them must not grow the worker's memory."""
+
+    async def body() -> None:
+        async with live(duplex={"receive_timeout_s": 30.0}) as h:
+            reading = asyncio.Event()  # never set: from now on the client reads nothing
+
+            async def stuck(text: str) -> None:
+                await reading.wait()
+
+            h.session.sender._send_text = stuck
+            sent = 0
+
+            async def flood() -> None:
+                nonlocal sent
+                for _ in range(5 * CONTROL_BACKLOG):
+                    await h.session.on_text("{not json")
+                    sent += 1
+
+            flooder = asyncio.create_task(flood())
+            await asyncio.sleep(5.0)
+            control, _ = h.session.outbox.pending()
+            assert control <= CONTROL_BACKLOG
+            assert (
+                not flooder.done()
+            )  # the session stopped reading: the client's socket fills, not our memory
+            assert sent < 3 * CONTROL_BACKLOG
+            # Nothing more is read, so the receive timeout ends it, and the socket reader is let go.
+            assert await asyncio.wait_for(h.runner, 60) == "receive_timeout"
+            await asyncio.wait_for(flooder, 5)
 
     run(body)
 

@@ -222,16 +222,12 @@ class DuplexSession:
     async def on_text(self, frame: str | bytes) -> None:
         """A text frame from the client (processed in order with audio by the receive task)."""
         self._last_received = self._clock()
-        if self.state is not State.CLOSED:
-            await self._inbox.put(
-                frame if isinstance(frame, str) else bytes(frame).decode("utf-8", "replace")
-            )
+        await self._enqueue(frame if isinstance(frame, str) else bytes(frame).decode("utf-8", "replace"))
 
     async def on_binary(self, frame: bytes | bytearray | memoryview) -> None:
         """A binary (audio) frame from the client."""
         self._last_received = self._clock()
-        if self.state is not State.CLOSED:
-            await self._inbox.put(bytes(frame))
+        await self._enqueue(bytes(frame))
 
     async def run(self) -> str:
         """Serve until the session closes; return the close reason."""
@@ -301,8 +297,29 @@ class DuplexSession:
             self._error(ErrorCode.INTERNAL_ERROR, f"session {name} failed: {type(exc).__name__}", fatal=True)
             self._dispatch(Event.CLOSE, reason="internal_error")
 
+    async def _enqueue(self, frame: str | bytes) -> None:
+        """Put ``frame`` in the inbox, waiting while it is full; give up when the session closes.
+
+        The server's socket reader awaits this: were it to wait on a full inbox after the session
+        closed, it would never return and the worker would stay claimed.
+        """
+        if self.state is State.CLOSED:
+            return
+        if not self._inbox.full():
+            self._inbox.put_nowait(frame)
+            return
+        put = asyncio.ensure_future(self._inbox.put(frame))
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({put, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            put.cancel()
+            closed.cancel()
+
     async def _receive(self) -> None:
         while True:
+            # A client that does not read its events stops being read (its socket fills, not our memory).
+            await self.outbox.control_room()
             frame = await self._next_frame()
             if self.state is State.CLOSED:
                 continue

@@ -14,6 +14,10 @@ barge-in has at most that much audio to take back.
 A reply started before the user's turn was confirmed (a preemptive reply) is *held*: its items queue up
 in the response lane as usual but none leaves until the session releases its generation. Discarding it is
 an ordinary generation bump, so a held reply that is never confirmed sends nothing at all.
+
+The control lane is bounded too, though never dropped from: past ``CONTROL_BACKLOG`` items the session
+stops reading the client (:meth:`Outbox.control_room`), so a client that sends bad frames without
+reading the answers fills its own socket, not the worker's memory.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 
 SendText = Callable[[str], Awaitable[None]]
 SendBytes = Callable[[bytes], Awaitable[None]]
+
+#: Control items waiting before the session stops reading input (a client that reads sees a handful).
+CONTROL_BACKLOG = 256
 
 
 @dataclass
@@ -71,6 +78,8 @@ class Outbox:
         self.available = asyncio.Event()  # anything new
         self._space = asyncio.Event()
         self._space.set()
+        self._control_room = asyncio.Event()
+        self._control_room.set()
         self._held_generation: int | None = None  # the generation whose items wait for release
 
     def hold(self, generation: int | None) -> None:
@@ -92,7 +101,15 @@ class Outbox:
     def control(self, text: str, *, reset_playhead: bool = False) -> None:
         """Queue a control event (sent before any reply item; never dropped)."""
         self._control.append(_Item(None, text=text, reset_playhead=reset_playhead))
+        if len(self._control) >= CONTROL_BACKLOG:
+            self._control_room.clear()
         self._wake(urgent=True)
+
+    async def control_room(self) -> None:
+        """Wait while the control lane holds ``CONTROL_BACKLOG`` items (the client is not reading)."""
+        while len(self._control) >= CONTROL_BACKLOG:
+            self._control_room.clear()
+            await self._control_room.wait()
 
     def put_text(self, generation: int, text: str) -> None:
         """Queue a reply event."""
@@ -130,7 +147,12 @@ class Outbox:
 
     def pop_control(self) -> _Item | None:
         """The next control item, if any."""
-        return self._control.popleft() if self._control else None
+        if not self._control:
+            return None
+        item = self._control.popleft()
+        if len(self._control) < CONTROL_BACKLOG:
+            self._control_room.set()
+        return item
 
     def pop_reply(self) -> _Item | None:
         """The next reply item, if any (none while the head of the lane is held)."""
