@@ -99,7 +99,8 @@ class ServiceConfig(_Section):
     # kept-alive connection), and finish a TLS handshake within this long, or it is dropped.
     header_timeout_s: float = Field(10.0, gt=0, le=300)
     tls_handshake_timeout_s: float = Field(10.0, gt=0, le=300)
-    # A request body's next part must come within this long, or the request gets 408 (on gateway and workers).
+    # A request body's next part must come within this long, or the request gets 408 (on gateway and workers);
+    # the rest of a body answered without being read must all come within this long, or the connection closes.
     body_read_timeout_s: float = Field(30.0, gt=0, le=600)
     # Open connections one client address (IPv6: one /64) may hold at the gateway; 0: no bound.
     max_connections_per_address: int = Field(64, ge=0)

@@ -3,13 +3,20 @@
 uvicorn times out nothing before a request's head is complete: a client that trickles one header line every
 few seconds, or that opens a TLS connection and never finishes the handshake, keeps its socket forever
 (uvicorn's ``timeout_keep_alive`` only runs between requests, and it stops at the first byte of the next
-one). Three bounds are added here, each on the connection, before the app sees anything:
+one). Four bounds are added here, each on the connection: three before the app sees anything, one after it
+answered:
 
 - **Request head** (``Limits.header_timeout_s``): a connection must deliver a complete request head within
   this long of being opened (after the TLS handshake), and a later request on a kept-alive connection within
   this long of its first byte. It is a deadline for the whole head, not for each read, so trickling does not
   extend it. A client that sent part of a head gets ``408 Request Timeout``; one that sent nothing is closed.
   Idle time between requests stays uvicorn's ``timeout_keep_alive``.
+- **An unread request body** (``Limits.body_read_timeout_s``): an app may answer without reading the body
+  (401, 404, 503); uvicorn then discards the rest as it comes, so that the connection can be kept alive, but
+  times nothing once a byte of it arrives (its keep-alive timer stops at any byte), and a client trickling
+  the body would hold the connection for ever. Here the rest of the body must all come within this long of
+  the response's end (nginx discards an unread body the same way, within ``lingering_time``): then the
+  connection is kept alive as usual; otherwise it is closed. The response has been sent whole either way.
 - **TLS handshake** (``Limits.tls_handshake_timeout_s``): asyncio bounds a server handshake (60 s by
   default), but uvicorn does not pass the bound on. So uvicorn serves plain TCP here and each connection is
   upgraded with ``loop.start_tls(..., ssl_handshake_timeout=...)`` (public asyncio API); once the handshake
@@ -58,10 +65,12 @@ _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnec
 
 @dataclass(frozen=True)
 class Limits:
-    """How long a client may take to start a request, and how many connections one address may hold."""
+    """How long a client may take to start a request (and to finish a body the app answered unread), and how
+    many connections one address may hold."""
 
     header_timeout_s: float = 10.0
     tls_handshake_timeout_s: float = 10.0
+    body_read_timeout_s: float = 30.0  # for the rest of a request body the app answered without reading
     max_connections_per_address: int = 0  # 0: no bound
     exempt: tuple[IPNetwork, ...] = LOOPBACK  # client networks the bound does not apply to
 
@@ -72,6 +81,7 @@ def limits_from(service: ServiceConfig, *, per_address: bool = True) -> Limits:
     return Limits(
         header_timeout_s=service.header_timeout_s,
         tls_handshake_timeout_s=service.tls_handshake_timeout_s,
+        body_read_timeout_s=service.body_read_timeout_s,
         max_connections_per_address=service.max_connections_per_address if per_address else 0,
         exempt=service.connection_limit_exempt,
     )
@@ -91,6 +101,7 @@ class AddressCounter:
         self.refused = 0  # connections closed for being over the bound, since start
         self.head_timeouts = 0  # connections dropped for a request head not complete in time, since start
         self.handshake_failures = 0  # TLS handshakes that timed out or failed, since start
+        self.unread_bodies = 0  # connections closed for an unread request body not sent in time, since start
         self._owner: dict[object, str] = {}  # connection -> its counted address
         self._warned: set[str] = set()
 
@@ -100,6 +111,7 @@ class AddressCounter:
             "per_address_limit": self.refused,
             "header_timeout": self.head_timeouts,
             "tls_handshake": self.handshake_failures,
+            "unread_body": self.unread_bodies,
         }
 
     def key(self, peername: Any) -> str | None:
@@ -158,15 +170,18 @@ class AddressCounter:
 
 
 class BoundedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head and the per-address count.
+    """uvicorn's h11 protocol with a deadline for each request head, one for the rest of a request body the
+    app answered without reading, and the per-address count.
 
-    ``serve`` makes a subclass per server that sets the two class attributes.
+    ``serve`` makes a subclass per server that sets the class attributes.
     """
 
     header_timeout_s: ClassVar[float] = Limits.header_timeout_s
+    body_read_timeout_s: ClassVar[float] = Limits.body_read_timeout_s
     counter: ClassVar[AddressCounter] = AddressCounter(Limits())
 
     _head_deadline: asyncio.TimerHandle | None = None
+    _drain_deadline: asyncio.TimerHandle | None = None
     _got_bytes = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -179,6 +194,13 @@ class BoundedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
         super().data_received(data)
+        if self._drain_deadline is not None:
+            if self._draining():
+                return  # more of the unread body, discarded by uvicorn: its deadline goes on
+            self._stop_drain_deadline()  # the body is all in: the connection goes on as after any request
+            if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+                self._keep_alive()  # and no byte of a next request yet: idle, as after any response
+                return
         if self.conn.their_state is h11.IDLE:
             # Still before a complete head. On a kept-alive connection this is the next request's first
             # data: its deadline starts now (uvicorn's keep-alive timer has just been stopped by it).
@@ -189,8 +211,17 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_deadline()
+        self._stop_drain_deadline()
         self.counter.release(self.transport)
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._draining():
+            # Answered before the request body was all read: uvicorn discards the rest as it comes (and keeps
+            # the connection), but times nothing once a byte of it arrives. The rest gets a deadline.
+            self._stop_drain_deadline()
+            self._drain_deadline = self.loop.call_later(self.body_read_timeout_s, self._drain_timed_out)
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
         self._stop_head_deadline()
@@ -204,6 +235,33 @@ class BoundedH11Protocol(H11Protocol):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+
+    def _draining(self) -> bool:
+        """The response is sent and the request body not all received."""
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
+
+    def _stop_drain_deadline(self) -> None:
+        if self._drain_deadline is not None:
+            self._drain_deadline.cancel()
+            self._drain_deadline = None
+
+    def _drain_timed_out(self) -> None:
+        self._drain_deadline = None
+        if self.transport.is_closing() or not self._draining():
+            return
+        self.counter.unread_bodies += 1
+        self._unset_keepalive_if_required()
+        self.conn.send(h11.ConnectionClosed())
+        self.transport.close()
+
+    def _keep_alive(self) -> None:
+        """Idle between requests: uvicorn's keep-alive timeout, as it sets after a response."""
+        self._unset_keepalive_if_required()
+        if self.transport.is_closing():
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
@@ -377,7 +435,11 @@ def protocols(
     http: type[asyncio.Protocol] = type(
         "ServedH11Protocol",
         (BoundedH11Protocol,),
-        {"header_timeout_s": limits.header_timeout_s, "counter": counter},
+        {
+            "header_timeout_s": limits.header_timeout_s,
+            "body_read_timeout_s": limits.body_read_timeout_s,
+            "counter": counter,
+        },
     )
     if tls is not None:
         http = type(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +123,37 @@ def test_a_request_head_that_never_ends_is_dropped_and_counted(urls: tuple[str, 
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert _metric(gateway, dropped) == before + 1
     assert _metric(gateway, 'gateway_connections_dropped_total{reason="per_address_limit"}') == 0  # loopback
+
+
+def test_a_body_answered_unread_must_then_come_in_time(urls: tuple[str, str]) -> None:
+    # POST /health is answered (405) without its body being read. The rest of the body must then all come
+    # within body_read_timeout_s, or the connection is closed: a byte every so often used to hold it for ever.
+    gateway, _ = urls
+    dropped = 'gateway_connections_dropped_total{reason="unread_body"}'
+    before = _metric(gateway, dropped)
+    url = httpx.URL(gateway)
+    with socket.create_connection((url.host, url.port), timeout=GUARD_S) as sock:
+        sock.sendall(b"POST /health HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        while len(body) < int(fields[b"content-length"]):
+            body += sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 405 "), head  # the whole answer came first
+        assert json.loads(body)["error"]["code"], body
+        closed, deadline = False, time.monotonic() + GUARD_S
+        while not closed and time.monotonic() < deadline:
+            try:
+                if select.select([sock], [], [], 0.2)[0]:
+                    closed = sock.recv(65536) == b""
+                else:
+                    sock.sendall(b" ")  # one more byte of the body
+            except OSError:  # reset
+                closed = True
+    assert closed, "a body trickled after its answer held the connection"
+    assert _metric(gateway, dropped) == before + 1
 
 
 def test_a_declared_length_past_the_limit_is_refused_before_reading(urls: tuple[str, str]) -> None:

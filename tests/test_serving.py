@@ -1,4 +1,5 @@
-"""core.serving against real clients: slow or silent request heads and TLS handshakes are dropped, complete
+"""core.serving against real clients: slow or silent request heads and TLS handshakes are dropped, as is
+the rest of a request body the app answered without reading when it does not all come in time; complete
 requests (slow ones within the bound, kept-alive ones, WebSockets) are served, and one address's connections
 are bounded. Each server is tests/serving_server.py in its own process; with SERVING_PLAIN=1 it runs plain
 ``uvicorn.run``, and every test here that checks a bound fails.
@@ -17,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GUARD_S = 10.0  # how long a client waits for something the server should do well within a second
 HEADER_S = 1.0  # the request-head deadline of the servers that test it
+BODY_S = 1.0  # their deadline for the rest of a request body the app answered without reading
+UNREAD = (401, b'{"error": "unauthorized"}')  # serving_server.py's answer at /unread, the body not read
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,11 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _server(
-    folder: Path, header_s: float, handshake_s: float, per_address: int, tls: bool
+    folder: Path, header_s: float, handshake_s: float, per_address: int, tls: bool, body_s: float = 30
 ) -> Iterator[Server]:
     folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    args = [str(port), str(header_s), str(handshake_s), str(per_address)]
+    args = [str(port), str(header_s), str(handshake_s), str(body_s), str(per_address)]
     if tls:
         from core.tls import ensure_certificate
 
@@ -75,15 +78,16 @@ def _server(
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """HTTP, head deadline HEADER_S, no connection bound."""
-    with _server(tmp_path_factory.mktemp("plain"), HEADER_S, 30, 0, tls=False) as server:
+    """HTTP, head deadline HEADER_S, unread-body deadline BODY_S, no connection bound."""
+    with _server(tmp_path_factory.mktemp("plain"), HEADER_S, 30, 0, tls=False, body_s=BODY_S) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """HTTPS, handshake deadline 0.5 s, head deadline HEADER_S, no connection bound."""
-    with _server(tmp_path_factory.mktemp("tls"), HEADER_S, 0.5, 0, tls=True) as server:
+    """HTTPS, handshake deadline 0.5 s, head deadline HEADER_S, unread-body deadline BODY_S, no connection
+    bound."""
+    with _server(tmp_path_factory.mktemp("tls"), HEADER_S, 0.5, 0, tls=True, body_s=BODY_S) as server:
         yield server
 
 
@@ -115,21 +119,27 @@ def _wait_closed(sock: socket.socket, guard: float = GUARD_S) -> bytes | None:
     return None
 
 
-def _trickle_until_closed(sock: socket.socket, first: bytes, gap: float = 0.2) -> bytes | None:
-    """Send ``first``, then one more header line every ``gap`` seconds, never ending the head; what the
-    server sent before closing, or None when it had not closed after GUARD_S."""
+def _header_line(n: int) -> bytes:
+    return f"x-trickle-{n}: 1\r\n".encode()
+
+
+def _trickle_until_closed(
+    sock: socket.socket, first: bytes, gap: float = 0.2, part: Callable[[int], bytes] = _header_line
+) -> bytes | None:
+    """Send ``first``, then one more ``part`` (by default a header line, never ending the head) every ``gap``
+    seconds; what the server sent before closing, or None when it had not closed after GUARD_S."""
     sock.sendall(first)
     deadline = time.monotonic() + GUARD_S
-    line = 0
+    n = 0
     while (left := deadline - time.monotonic()) > 0:
         readable, _, _ = select.select([sock], [], [], gap)
         if readable:
             return _wait_closed(sock, left)
         try:
-            sock.sendall(f"x-trickle-{line}: 1\r\n".encode())
+            sock.sendall(part(n))
         except OSError:
             return _wait_closed(sock, left)
-        line += 1
+        n += 1
     return None
 
 
@@ -233,6 +243,50 @@ def _upgrade(sock: socket.socket) -> None:
     assert status == 101
 
 
+# -- request bodies the app answered without reading
+
+
+def _answered_unread(sock: socket.socket, framing: bytes, part: bytes = b"") -> None:
+    """POST to /unread with ``part`` of its body: the app's 401 comes whole, the body still owed."""
+    sock.sendall(b"POST /unread HTTP/1.1\r\nhost: test\r\n" + framing + b"\r\n" + part)
+    assert _read_response(sock) == UNREAD
+
+
+@pytest.mark.parametrize("framing", [b"content-length: 100000\r\n", b"transfer-encoding: chunked\r\n"])
+@pytest.mark.parametrize("which", ["plain", "tls"])
+def test_unread_body_trickled_after_the_response_is_dropped(
+    request: pytest.FixtureRequest, which: str, framing: bytes
+) -> None:
+    # Each byte of the body used to stop the connection's last timer (uvicorn's keep-alive): one byte now
+    # and then held it for ever. The rest of the body must all come within BODY_S of the response.
+    server: Server = request.getfixturevalue(which)
+    before = _dropped(server)["unread_body"]
+    with _connect(server) as sock:
+        _answered_unread(sock, framing, b"12")  # (a chunk size's first digits, when chunked)
+        sent = _trickle_until_closed(sock, b"3", part=lambda _: b"4")
+    assert sent == b"", "a body trickled after its response held the connection"
+    assert _dropped(server)["unread_body"] == before + 1  # counted, for the gateway's /metrics
+
+
+def test_unread_body_sent_in_time_keeps_the_connection(plain: Server) -> None:
+    before = _dropped(plain)["unread_body"]
+    with _connect(plain) as sock:
+        _answered_unread(sock, b"content-length: 10\r\n", b"01234")
+        sock.sendall(b"56789")  # the rest, within the bound: discarded, and the connection goes on
+        time.sleep(max(BODY_S, HEADER_S) * 1.5)  # idle now is keep-alive: neither deadline runs
+        assert _get(sock, "/after") == (200, b"http GET /after")
+        # the rest of the body and the next request in one write
+        _answered_unread(sock, b"transfer-encoding: chunked\r\n")
+        sock.sendall(b"3\r\nabc\r\n0\r\n\r\nGET /next HTTP/1.1\r\nhost: test\r\n\r\n")
+        assert _read_response(sock) == (200, b"http GET /next")
+        # a body the app reads: kept alive as ever, and not timed once read
+        sock.sendall(b"POST /read HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello")
+        assert _read_response(sock) == (200, b"http POST /read")
+        time.sleep(BODY_S * 1.5)
+        assert _get(sock, "/again") == (200, b"http GET /again")
+    assert _dropped(plain)["unread_body"] == before
+
+
 # -- TLS handshakes
 
 
@@ -305,7 +359,7 @@ def test_connections_per_address_are_bounded(tmp_path: Path) -> None:
             assert _wait_closed(extra) is not None, "a 4th connection from one address was kept"
         open_ = [sock for sock in held if sock is not None]
         counted = json.loads(_get(open_[0], "/dropped")[1])  # on a kept-alive one of the three
-        assert counted == {"per_address_limit": 1, "header_timeout": 0, "tls_handshake": 0}
+        assert counted == {"per_address_limit": 1, "header_timeout": 0, "tls_handshake": 0, "unread_body": 0}
         open_.pop().close()
         open_.append(_served_soon(server))
         # a WebSocket holds its place too, and gives it back when it closes

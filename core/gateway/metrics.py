@@ -220,11 +220,13 @@ class GatewayMetrics(PoolListener):
         w.family(
             "gateway_connections_dropped_total",
             "counter",
-            "Client connections dropped before a request was served, by reason: per_address_limit (the "
-            "address held max_connections_per_address), header_timeout (no complete request head within "
-            "header_timeout_s), tls_handshake (failed or not done within tls_handshake_timeout_s).",
+            "Client connections dropped by the serving layer, by reason: per_address_limit (the address held "
+            "max_connections_per_address), header_timeout (no complete request head within header_timeout_s), "
+            "tls_handshake (failed or not done within tls_handshake_timeout_s), unread_body (answered without "
+            "reading its request body, the rest of which did not all come within body_read_timeout_s).",
         )
-        for reason in sorted({"per_address_limit", "header_timeout", "tls_handshake"} | set(drops)):
+        reasons = {"per_address_limit", "header_timeout", "tls_handshake", "unread_body"}
+        for reason in sorted(reasons | set(drops)):
             w.sample("gateway_connections_dropped_total", drops.get(reason, 0), {"reason": reason})
         w.family(
             "gateway_request_bodies_refused_total",
