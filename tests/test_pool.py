@@ -197,8 +197,44 @@ async def test_cancel_while_waiting_frees_the_ticket_at_once_and_moves_the_other
 def test_cancel_after_assignment_releases_the_worker() -> None:
     pool, _, rec = make_pool(1)
     a, b = pool.submit("chat"), pool.submit("chat")
-    pool.cancel(a)
-    assert rec.releases == [(a.id, "client_left")] and b.state == "assigned"
+    pool.cancel(a)  # the client left before its session started: the lease is abandoned
+    assert rec.releases == [(a.id, "abandoned")] and b.state == "assigned"
+
+
+@pytest.mark.parametrize(
+    ("end", "outcome", "moves_eta"),
+    [
+        # ran on the worker: its duration is what the next one can expect
+        ("completed", "completed", True),
+        ("client_left", "client_left", True),  # left mid-session, or while the worker ran its request
+        # never ran: a client gone while routed, while its worker socket opened, before its request was sent
+        ("cancel", "abandoned", False),  # Pool.cancel of an assigned ticket (the gateway session's way)
+        ("abandoned", "abandoned", False),  # released by the caller itself (worker_calls' way)
+        ("worker_lost", "worker_lost", False),
+        ("refused", "refused", False),
+        ("error", "error", False),
+    ],
+)
+def test_only_leases_that_ran_move_the_eta(end: str, outcome: str, moves_eta: bool) -> None:
+    # Clients that connect and leave at once hold a lease for next to nothing: six of them, were they
+    # observed, would take the expected duration from the 60 s baseline to 0.2 s.
+    pool, clock, rec = make_pool(1, min_samples=3)
+    for _ in range(6):
+        t = pool.submit("audio_duplex")
+        clock.advance(0.2)
+        assert t.lease is not None
+        if end == "cancel":
+            pool.cancel(t)
+        else:
+            t.lease.release(end)  # type: ignore[arg-type]
+        pool.mark_health(pool.workers[0], "idle")  # back after worker_lost
+    assert {o for _, o in rec.releases} == {outcome}
+    busy = pool.submit("audio_duplex")  # starts now; the next one waits for it
+    assert busy.lease is not None
+    expected = 0.2 if moves_eta else BASE["audio_duplex"]
+    assert pool.durations.samples("audio_duplex") == (6 if moves_eta else 0)
+    assert pool.durations.expected("audio_duplex") == pytest.approx(expected)
+    assert pool.eta_for_new("audio_duplex") == pytest.approx(expected)
 
 
 def test_full_queue_raises_with_retry_after_from_the_head_eta() -> None:

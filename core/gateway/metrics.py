@@ -14,7 +14,7 @@ from typing import Any
 
 from core.gateway.queue_updates import UPDATE_PATHS
 from core.scheduling.eta import REQUEST_TYPES
-from core.scheduling.pool import Lease, Outcome, Pool, PoolListener, Ticket
+from core.scheduling.pool import OBSERVED_OUTCOMES, Lease, Outcome, Pool, PoolListener, Ticket
 
 WINDOW = 1024
 QUANTILES = (0.5, 0.9, 0.99)
@@ -114,7 +114,7 @@ class GatewayMetrics(PoolListener):
         """Count how the session ended and how long it held the worker."""
         kind = lease.ticket.kind
         self.releases[(kind, outcome)] += 1
-        if outcome in ("completed", "client_left"):
+        if outcome in OBSERVED_OUTCOMES:  # as the ETAs: a lease abandoned before it ran is no duration
             self.durations.setdefault(kind, Summary()).observe(duration_s)
 
     def on_reject(self, reason: str) -> None:

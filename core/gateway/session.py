@@ -20,6 +20,8 @@ WebSocket API it serves (``/ws/duplex``, ``/v1/realtime``); a :class:`Dialect` h
   ``worker_lost`` and close 1011; a client that leaves frees its place at once while the worker still
   closes the session.
 - Release. The lease is released exactly once however the session ends, and a waiting ticket is withdrawn.
+  A client that leaves before its session is bridged abandons its lease (``abandoned``): only sessions
+  that ran feed the ETAs' durations.
 
 No audio or model library here: this runs in the gateway.
 """
@@ -214,7 +216,7 @@ async def _wait_for_worker(
         if not main.cancelled() and main.exception() is None:  # connected in the same instant the client left
             _lease, conn, _ = main.result()
             await conn.close()
-        state.pool.cancel(ticket)
+        state.pool.cancel(ticket)  # a lease it held is abandoned: never bridged, no duration for the ETAs
         raise _ClientGone
     return main.result()
 

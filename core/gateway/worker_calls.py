@@ -3,7 +3,11 @@
 - :func:`take_ticket` and :func:`worker_response`: one request to a worker through the ETA queue. The
   ticket waits for a worker; a worker that refuses (``409`` busy while it tears down a session, retried
   briefly; ``503`` loading) or cannot be reached hands the ticket back to the head of the queue, at most
-  ``MAX_ATTEMPTS`` times; the lease is released exactly once, however the caller's block ends.
+  ``MAX_ATTEMPTS`` times; the lease is released exactly once, however the caller's block ends. A caller
+  cancelled (its client left) while the worker runs the request leaves the request running: the worker
+  cannot drop it half done, so the lease is held until the worker answers, and the next client is not
+  sent to a worker still busy with it. A caller cancelled before its request reached the worker
+  releases the lease as ``abandoned`` (it ran nothing, so it says nothing about durations).
 - :func:`upstream_query`: a client's query string as a worker may see it.
 
 No audio or model library here: this runs in the gateway.
@@ -124,9 +128,9 @@ async def _send(
             raise CallFailed(503, ErrorCode.QUEUE_TIMEOUT.value, str(exc), pool.retry_after_s()) from None
         except TicketCancelled:
             raise CallFailed(499, ErrorCode.SESSION_CLOSED.value, "the request was withdrawn") from None
-        if on_lease is not None:
-            await on_lease(lease)
         try:
+            if on_lease is not None:
+                await on_lease(lease)
             return await _post(state, lease, path, await prepare(), stream), lease
         except WorkerUnreachable as exc:
             pool.mark_down(lease.worker, str(exc))
@@ -143,6 +147,12 @@ async def _send(
             raise CallFailed(
                 502, ErrorCode.WORKER_LOST.value, f"the worker stopped mid-request ({exc.__class__.__name__})"
             ) from None
+        except asyncio.CancelledError:
+            # The client left. A request the worker has is released when the worker answers (_exchange);
+            # before that nothing ran on the worker.
+            if lease.finishing is None:
+                lease.release("abandoned")
+            raise
         except BaseException:
             lease.release("error")
             raise
@@ -165,7 +175,7 @@ async def _post(
     for delay in (*BUSY_RETRY_DELAYS_S, None):
         request = state.http.build_request("POST", url, timeout=timeout, **kwargs)
         try:
-            response = await state.http.send(request, stream=stream)
+            response = await _exchange(state.http, lease, request, stream)
         except httpx.ConnectError as exc:
             raise WorkerUnreachable(f"cannot connect ({exc.__class__.__name__})") from None
         if response.status_code == 503:
@@ -178,6 +188,39 @@ async def _post(
             raise WorkerRefused("busy_external")
         await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+async def _exchange(
+    http: httpx.AsyncClient, lease: Lease, request: httpx.Request, stream: bool
+) -> httpx.Response:
+    """Send ``request`` to the lease's worker and return its answer.
+
+    Once sent, the request is the worker's: a worker runs it to the end even if nobody waits for the
+    answer. So a caller cancelled meanwhile does not cancel the request; the lease is released when the
+    worker has answered (``Lease.release_when_done``), and until then the worker is busy to the queue.
+    """
+    sending = asyncio.ensure_future(http.send(request, stream=stream))
+    try:
+        return await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        lease.release_when_done(_unread(sending))
+        raise
+
+
+async def _unread(sending: asyncio.Future[httpx.Response]) -> Outcome:
+    """Wait for an answer nobody will read, close it, and say how the lease ends."""
+    try:
+        response = await sending
+    except httpx.ConnectError:
+        return "abandoned"  # it never reached the worker
+    except httpx.TimeoutException:
+        return "error"
+    except httpx.HTTPError:
+        return "worker_lost"  # as when a client waits for it: the worker dropped the connection
+    await response.aclose()
+    # A refusal (busy, loading) ran nothing; any other answer is a request the worker ran, whose duration
+    # the ETAs should learn from.
+    return "abandoned" if response.status_code in (409, 503) else "client_left"
 
 
 def upstream_query(query: str) -> str:

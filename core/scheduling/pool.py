@@ -25,8 +25,11 @@ from core.scheduling.eta import DispatchSimulation, DurationModel, WorkerLoad, t
 
 log = logging.getLogger("gateway.pool")
 
-#: How a lease ended. Only sessions that ran their course feed the duration averages.
-Outcome = Literal["completed", "client_left", "worker_lost", "refused", "error"]
+#: How a lease ended. Only sessions and requests that ran on the worker feed the duration averages:
+#: ``completed``, or ``client_left`` once the worker had the session or request. ``abandoned`` is a client
+#: that left before that (while routed, while its worker socket opened, before its request was sent): its
+#: near-zero hold says nothing about how long a session takes, and would drag the queue's ETAs to zero.
+Outcome = Literal["completed", "client_left", "abandoned", "worker_lost", "refused", "error"]
 OBSERVED_OUTCOMES: frozenset[str] = frozenset({"completed", "client_left"})
 TicketState = Literal["waiting", "assigned", "cancelled", "expired"]
 #: Worker /health states in which it can serve (busy/paused only while it serves our own lease).
@@ -145,6 +148,8 @@ class Lease:
         self.outcome: Outcome | None = None
         self.paused = False
         self.after = worker.settling  # the previous session's close, if it was still running
+        # A request whose client left while the worker ran it: the lease is released when it ends.
+        self.finishing: asyncio.Future[Outcome] | None = None
 
     async def settled(self) -> None:
         """Return once the worker's previous session has finished closing (at once if it had)."""
@@ -166,6 +171,25 @@ class Lease:
         closing = asyncio.ensure_future(close)
         self.pool._release(self, outcome, closing)
         await closing
+
+    def release_when_done(self, finish: Awaitable[Outcome]) -> None:
+        """Hold the worker until ``finish`` ends, then release with the outcome it returns (``error`` if it
+        fails); returns at once.
+
+        For a request whose client left while the worker ran it: the worker cannot drop a request half
+        done, so until it answers it stays busy to the queue, and the next ticket waits for it (or takes
+        another worker) instead of being sent to a worker that refuses it. ``Pool.cancel`` leaves such a
+        lease alone.
+        """
+        task = asyncio.ensure_future(finish)
+        self.finishing = task  # kept alive by the lease, which its worker holds until the release
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[Outcome]) -> None:
+        outcome: Outcome = "error"
+        if not task.cancelled() and task.exception() is None:
+            outcome = task.result()
+        self.pool._release(self, outcome)
 
 
 class PoolListener:
@@ -250,15 +274,20 @@ class Pool:
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
-        """The client left: drop a waiting ticket at once, or release its lease. Idempotent."""
+        """The client left: drop a waiting ticket at once, or release its lease. Idempotent.
+
+        A lease still held here never reached its worker (whoever bridges a session or sends a request
+        releases the lease itself when it ends): it is ``abandoned``, not a session that ran. A lease
+        whose request the worker is still finishing (``Lease.release_when_done``) is left to that.
+        """
         if ticket.state == "waiting":
             self._waiting.pop(ticket.id, None)
             ticket.state = "cancelled"
             ticket.event.set()
             self.listener.on_reject("cancelled")
             self.changed()
-        elif ticket.state == "assigned" and ticket.lease is not None:
-            ticket.lease.release("client_left")
+        elif ticket.state == "assigned" and ticket.lease is not None and ticket.lease.finishing is None:
+            ticket.lease.release("abandoned")
 
     def requeue(self, ticket: Ticket) -> None:
         """Put an assigned ticket whose worker refused it back at the head of the queue (its lease released)."""
