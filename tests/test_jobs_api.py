@@ -1,7 +1,8 @@
 """The job API against the real gateway and a fake-stack worker (processes on loopback).
 
 Covers submit -> result -> audio -> history, failures and retry, delete, validation (format, size, ids),
-the queue/health/stats views, and a gateway restart that loses no job.
+the queue/health/stats views, and a gateway restart that loses no job; in process, against a scripted
+worker, a job whose worker refuses it going back to ``queued``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 
+from core.api.jobs import JobService
+from core.config import Config, ServiceConfig
+from core.gateway.metrics import GatewayMetrics
+from core.gateway.state import GatewayState
+from core.scheduling.eta import DurationModel, EtaSettings
+from core.scheduling.pool import Pool
 from tests.duplex_client import free_port, stop, wait_healthy
 from tests.services import cluster, start_gateway, start_worker, wait_until_served, write_config
 
@@ -212,3 +220,80 @@ def test_a_gateway_restart_loses_no_job(tmp_path: Path) -> None:
     finally:
         stop(gateway)
         stop(worker)
+
+
+# --------------------------------------------------------------------------- in process, a scripted worker
+
+TRANSCRIPT = {"text": "hello there", "language": "en", "duration_s": 0.2, "segments": []}
+
+
+async def _until(check: Any, what: str, timeout: float = 10.0) -> None:
+    """Poll ``check`` (bounded, yielding to the loop between tries) until it is truthy."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest.mark.parametrize("refusal", ["unreachable", "loading"])
+async def test_a_job_whose_worker_refuses_it_reads_queued_until_it_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    answers, calls = [refusal, "transcript"], []
+
+    async def worker(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        answer = answers.pop(0)
+        if answer == "unreachable":  # the worker died since its last health check
+            raise httpx.ConnectError("connection refused", request=request)
+        if answer == "loading":
+            return httpx.Response(503, json={"error": {"code": "not_ready", "message": "loading"}})
+        return httpx.Response(200, json=TRANSCRIPT)
+
+    config = Config(service=ServiceConfig(data_dir=str(tmp_path / "data"), log_dir=str(tmp_path)))
+    pool = Pool(["127.0.0.1:1"], DurationModel(EtaSettings.from_config(config.service)))
+    state = GatewayState(config, pool, GatewayMetrics(), api_key=None, static_dir=tmp_path)
+    state.http = httpx.AsyncClient(transport=httpx.MockTransport(worker))
+    jobs = JobService(state)
+    await jobs.start()
+    assert jobs.store is not None
+    finishes: list[str] = []
+    real_finish = jobs.store.finish
+
+    def finish(job_id: str, result: dict[str, Any]) -> None:
+        finishes.append(job_id)
+        real_finish(job_id, result)
+
+    monkeypatch.setattr(jobs.store, "finish", finish)
+    pool.mark_health(pool.workers[0], "idle")
+    api = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=Starlette(routes=jobs.routes())), base_url="http://gw"
+    )
+    try:
+        files = {"file": ("talk.wav", tone_wav(0.2), "audio/wav")}
+        task = (await api.post("/api/v1/asr/submit", files=files)).json()["task_id"]
+        # The worker took it, refused it (or was gone), and the ticket is back at the head of the queue.
+        await _until(lambda: calls and pool.queue_length == 1, "the ticket handed back")
+        waiting = (await api.get(f"/api/v1/asr/result/{task}")).json()
+        assert waiting["status"] == "queued", waiting
+        assert waiting["position"] == 1
+        assert "progress" not in waiting and "started_at" not in waiting
+        assert task not in jobs._started  # its next start counts its progress from then
+        counts = (await api.get("/api/v1/asr/queue/status")).json()
+        assert (counts["jobs_queued"], counts["jobs_processing"]) == (1, 0)
+        assert [
+            t["task_id"] for t in (await api.get("/api/v1/asr/history?status=queued")).json()["tasks"]
+        ] == [task]
+
+        pool.mark_health(pool.workers[0], "idle")  # back: the job starts again and is served
+        await _until(lambda: finishes, "the transcript stored")
+        done = (await api.get(f"/api/v1/asr/result/{task}")).json()
+        assert (done["status"], done["text"]) == ("done", "hello there")
+        assert calls == ["/v1/transcribe", "/v1/transcribe"] and finishes == [task]
+        assert (await jobs.store.call(jobs.store.get, task)).attempts == 2
+    finally:
+        await api.aclose()
+        await jobs.stop()
+        await state.http.aclose()

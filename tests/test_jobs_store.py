@@ -126,6 +126,53 @@ def test_failed_jobs_can_be_retried(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ((), "queued"),  # never started: nothing to undo
+        (("start",), "queued"),  # its worker refused it or was gone: it waits again
+        (("start", "finish"), "done"),  # a late requeue never undoes a result
+        (("start", "fail"), "failed"),  # nor a failure (only retry queues that again)
+    ],
+)
+def test_requeue_puts_only_a_processing_job_back(tmp_path: Path, before: tuple[str, ...], after: str) -> None:
+    store = JobStore(tmp_path)
+    job = store.create(wav_bytes(), "wav", None, None)
+    steps = {
+        "start": lambda: store.start(job.id),
+        "finish": lambda: store.finish(job.id, {"text": "kept", "segments": []}),
+        "fail": lambda: store.fail(job.id, "bad_audio", "cannot decode"),
+    }
+    for step in before:
+        steps[step]()
+    was = store.get(job.id)
+    store.requeue(job.id)
+    now = store.get(job.id)
+    assert now.status == after
+    assert now.attempts == was.attempts  # a start is counted when it happens, not undone
+    if was.status == "processing":
+        assert now.started_at is None  # it has not started, as far as anyone reading it can tell
+    else:
+        assert now == was
+    assert store.counts()[after] == 1
+    store.close()
+
+
+def test_a_requeued_job_starts_afresh_and_finishes_once(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    job = store.create(wav_bytes(), "wav", None, None)
+    store.start(job.id)
+    store.requeue(job.id)
+    store.start(job.id)
+    restarted = store.get(job.id)
+    assert (restarted.status, restarted.attempts) == ("processing", 2) and restarted.started_at is not None
+    store.finish(job.id, {"text": "hello", "segments": []})
+    store.requeue(job.id)  # a stray requeue after the result changes nothing
+    done = store.get(job.id)
+    assert (done.status, done.result, done.attempts) == ("done", {"text": "hello", "segments": []}, 2)
+    store.close()
+
+
 def test_delete_removes_the_row_and_the_audio(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     job = store.create(wav_bytes(), "wav", None, None)

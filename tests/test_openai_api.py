@@ -6,14 +6,18 @@ The fake stack answers every sound with "hello there", replies with its scripted
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
 import soundfile as sf
+from websockets.asyncio.client import connect
 
 from core.api.openai_compat import to_srt, to_verbose, to_vtt
 from tests.services import cluster
@@ -127,6 +131,62 @@ def test_streamed_chat_completion(client: openai.OpenAI) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == REPLY
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+
+
+async def _until(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``check`` (bounded, yielding to the loop between tries) until it is truthy."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def _queued(base: str) -> int:
+    return int(httpx.get(f"{base}/api/queue", timeout=5).json()["queued"])
+
+
+def _cancelled(base: str) -> float:
+    line = 'gateway_rejected_total{reason="cancelled"} '
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return sum(float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line))
+
+
+async def test_a_streaming_chat_client_that_leaves_while_queued_gives_up_its_place(base: str) -> None:
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}], "stream": True}
+    async with connect(base.replace("http", "ws") + "/ws/duplex") as session:  # holds the only worker
+        async with asyncio.timeout(10):
+            while json.loads(await session.recv())["type"] != "session.created":
+                pass
+        cancelled = _cancelled(base)
+        # The leaver: a raw connection, so when it goes is ours to say.
+        url = urlsplit(base)
+        _, leaver = await asyncio.open_connection(url.hostname, url.port)
+        payload = json.dumps(chat).encode()
+        leaver.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await leaver.drain()
+        await _until(lambda: _queued(base) == 1, "the leaver queued")
+        async with httpx.AsyncClient(timeout=30) as client:
+            stayer = asyncio.create_task(client.post(f"{base}/v1/chat/completions", json=chat))
+            try:
+                await _until(lambda: _queued(base) == 2, "the stayer queued behind it")
+                leaver.close()
+                await leaver.wait_closed()
+                await _until(lambda: _queued(base) == 1, "the leaver's ticket withdrawn")
+                assert _cancelled(base) == cancelled + 1
+                await session.close()  # the worker frees: the stayer, now first, takes it
+                reply = await asyncio.wait_for(stayer, 30)
+            finally:
+                stayer.cancel()
+    assert reply.status_code == 200 and reply.text.endswith("data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == REPLY
+    assert _queued(base) == 0
 
 
 def test_chat_rejects_what_it_cannot_do(client: openai.OpenAI) -> None:

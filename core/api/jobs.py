@@ -16,9 +16,11 @@ Routes (errors are ``{"error": {"code", "message"}}``):
 
 Each queued job holds one ``transcribe`` ticket in the pool, so jobs and live sessions share one FIFO
 and one ETA. A job whose ticket outwaits ``service.request_timeout`` takes a fresh ticket instead of
-failing (a batch of jobs is expected to wait); one that a worker rejects (bad audio) or that loses its
-worker fails, and can be retried. Jobs survive a restart: :meth:`JobService.start` re-queues every
-unfinished job in submission order.
+failing (a batch of jobs is expected to wait). One whose worker refuses it (busy, loading) or cannot be
+reached goes back to the head of the queue and reads ``queued`` again until a worker starts it (at most
+``MAX_ATTEMPTS`` tries, core/gateway/worker_calls.py). One that a worker rejects (bad audio) or that loses
+its worker mid-call fails, and can be retried. Jobs survive a restart: :meth:`JobService.start` re-queues
+every unfinished job in submission order.
 
 Retention: ``service.jobs_keep_last`` (1000; 0 keeps all), ``service.jobs_keep_days`` (30.0; 0 keeps forever).
 """
@@ -167,13 +169,19 @@ class JobService:
             self._started[job.id] = asyncio.get_running_loop().time()
             await store.call(store.start, job.id)
 
+        async def on_requeue() -> None:
+            # Its worker refused it or was gone: the ticket waits again at the head of the queue, so the
+            # job reads queued (with its place) until the next worker starts it afresh.
+            self._started.pop(job.id, None)
+            await store.call(store.requeue, job.id)
+
         async def prepare() -> dict[str, Any]:
             data = await asyncio.to_thread(store.audio_path(job).read_bytes)
             fields = {"language": job.language} if job.language else {}
             return {"files": {"file": (f"audio.{job.ext}", data, job.media_type)}, "data": fields}
 
         async with worker_response(
-            self.state, ticket, "/v1/transcribe", prepare, on_lease=on_lease
+            self.state, ticket, "/v1/transcribe", prepare, on_lease=on_lease, on_requeue=on_requeue
         ) as response:
             body = _json(response)
         if response.status_code != 200:

@@ -75,6 +75,11 @@ def _from_worker(response: httpx.Response) -> JSONResponse:
     return openai_error(response.status_code, str(error.get("message") or "the worker failed"), code)
 
 
+def _client_left() -> JSONResponse:
+    """The answer to a client that left before its reply (499, as nginx logs it): nobody reads it."""
+    return openai_error(499, "the client went away", ErrorCode.SESSION_CLOSED.value)
+
+
 # --------------------------------------------------------------------------- transcription formats
 
 
@@ -312,7 +317,7 @@ class OpenAIEndpoints:
             return {"json": payload}
 
         if body.stream:
-            return await self._chat_stream(body.model, reply_id, created, prepare)
+            return await self._chat_stream(request, body.model, reply_id, created, prepare)
 
         async def work() -> Response:
             ticket = take_ticket(self.state.pool, "chat")
@@ -328,14 +333,29 @@ class OpenAIEndpoints:
 
         return await self._served(request, work())
 
-    async def _chat_stream(self, model: str, reply_id: str, created: int, prepare: Any) -> Response:
-        """Queue first (errors still get a status code), then relay the worker's deltas as SSE chunks."""
+    async def _chat_stream(
+        self, request: Request, model: str, reply_id: str, created: int, prepare: Any
+    ) -> Response:
+        """Queue first (errors still get a status code), then relay the worker's deltas as SSE chunks.
+
+        The wait for a worker is watched for the client leaving, as the other routes' are: a client gone
+        while queued withdraws its ticket at once, so it holds no place in the queue and never a worker.
+        """
         stack = AsyncExitStack()
-        try:
+
+        async def open_reply() -> httpx.Response:
             ticket = take_ticket(self.state.pool, kind_or(self.state.pool, "streaming", "chat"))
-            response = await stack.enter_async_context(
+            return await stack.enter_async_context(
                 worker_response(self.state, ticket, "/v1/text_chat", prepare, stream=True)
             )
+
+        try:
+            # Cancelled when the client leaves: worker_response's exit withdraws a waiting ticket at once
+            # (counted as cancelled, as a queued WebSocket client that leaves) or releases its lease.
+            response = await unless_disconnected(request, open_reply())
+            if response is None:
+                await stack.aclose()
+                return _client_left()
             if response.status_code != 200:
                 await response.aread()
                 await stack.aclose()
@@ -409,11 +429,7 @@ class OpenAIEndpoints:
             response = await unless_disconnected(request, work)
         except CallFailed as exc:
             return _from_failure(exc)
-        return (
-            response
-            if response is not None
-            else openai_error(499, "the client went away", ErrorCode.SESSION_CLOSED.value)
-        )
+        return response if response is not None else _client_left()
 
 
 def openai_routes(state: GatewayState) -> list[BaseRoute]:

@@ -81,16 +81,20 @@ async def worker_response(
     *,
     stream: bool = False,
     on_lease: Callable[[Lease], Awaitable[None]] | None = None,
+    on_requeue: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[httpx.Response]:
     """Wait for ``ticket``'s worker and POST to its ``path``; yield the response (body unread when ``stream``).
 
     ``prepare`` builds the httpx request arguments (``content``/``json``/``files``/``data``/``headers``)
-    once a worker is assigned, so queued requests hold no body. Raises :class:`CallFailed` when no worker
-    serves the request; the ticket is withdrawn and the lease released when the block exits.
+    once a worker is assigned, so queued requests hold no body. ``on_lease`` runs each time a worker is
+    assigned, ``on_requeue`` each time that worker refused or could not be reached and the ticket went
+    back to the head of the queue (so a caller that showed the request as started can show it waiting).
+    Raises :class:`CallFailed` when no worker serves the request; the ticket is withdrawn and the lease
+    released when the block exits.
     """
     pool = state.pool
     try:
-        response, lease = await _send(state, ticket, path, prepare, stream, on_lease)
+        response, lease = await _send(state, ticket, path, prepare, stream, on_lease, on_requeue)
         outcome: Outcome = "completed"
         try:
             yield response
@@ -119,6 +123,7 @@ async def _send(
     prepare: Prepare,
     stream: bool,
     on_lease: Callable[[Lease], Awaitable[None]] | None,
+    on_requeue: Callable[[], Awaitable[None]] | None,
 ) -> tuple[httpx.Response, Lease]:
     pool = state.pool
     while True:
@@ -164,6 +169,8 @@ async def _send(
                 f"no worker would take the request after {MAX_ATTEMPTS} tries",
             )
         pool.requeue(ticket)
+        if on_requeue is not None:
+            await on_requeue()
 
 
 async def _post(

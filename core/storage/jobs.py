@@ -9,7 +9,8 @@ Job ids are ``uuid4().hex`` (32 lowercase hex digits) and every id that comes fr
 Uploads are recognised by their magic bytes (:func:`detect_format`), never by decoding: the gateway
 must not load an audio library.
 
-Life of a job: ``queued`` -> ``processing`` -> ``done`` | ``failed``; ``failed`` -> ``queued`` on retry.
+Life of a job: ``queued`` -> ``processing`` -> ``done`` | ``failed``; ``processing`` -> ``queued`` when its
+worker refuses it or cannot be reached (:meth:`JobStore.requeue`); ``failed`` -> ``queued`` on retry.
 After a restart :meth:`JobStore.recover` puts every ``processing`` job back to ``queued`` (its worker
 call died with the old process). Retention (:meth:`JobStore.prune`) only ever removes finished jobs.
 """
