@@ -3,12 +3,13 @@ API, OpenAI-compatible and realtime tests use them)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 #: directly sends ``WORKER_HEADERS``.
 WORKER_SECRET = "test-worker-secret-0123456789abcdef"
 WORKER_HEADERS = {"X-Worker-Secret": WORKER_SECRET}
+
+
+async def until(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll ``check`` (bounded, yielding to the loop between tries) until it is truthy."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not check():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def _spawn(script: str, args: list[str], err: Path) -> subprocess.Popen[bytes]:

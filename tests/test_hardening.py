@@ -80,6 +80,23 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_is_read(
     assert httpx.post(f"{base}/v1/chat", json={"text": "hi"}, headers=headers, timeout=30).status_code == 200
 
 
+def _read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One whole response from a raw socket: its status line and its ``content-length`` body."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = sock.recv(65536)
+        assert data, f"the connection closed mid-head: {answer!r}"
+        answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = dict(line.lower().split(b": ", 1) for line in lines)
+    while len(body) < int(fields[b"content-length"]):
+        data = sock.recv(65536)
+        assert data, f"the connection closed mid-body: {body!r}"
+        body += data
+    return status, body
+
+
 @pytest.mark.parametrize("target", ["gateway", "worker"])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_a_body_that_stalls_is_refused_with_408(urls: tuple[str, str], target: str, chunked: bool) -> None:
@@ -95,16 +112,9 @@ def test_a_body_that_stalls_is_refused_with_408(urls: tuple[str, str], target: s
     part = b'5\r\n{"tex\r\n' if chunked else b'{"tex'
     with socket.create_connection((url.host, url.port), timeout=GUARD_S) as sock:
         sock.sendall(head.encode() + part)
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
-    status_line, _, rest = answer.partition(b"\r\n")
-    assert status_line.startswith(b"HTTP/1.1 408"), answer
-    body = json.loads(rest.partition(b"\r\n\r\n")[2])
-    assert body["error"]["code"] == "receive_timeout", body
+        status, body = _read_response(sock)
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert json.loads(body)["error"]["code"] == "receive_timeout", body
     assert _metric(gateway, refused) == before + (target == "gateway")
     base, headers = (gateway, {}) if target == "gateway" else (worker, WORKER_HEADERS)
     assert httpx.post(f"{base}/v1/chat", json={"text": "hi"}, headers=headers, timeout=30).status_code == 200
@@ -134,14 +144,8 @@ def test_a_body_answered_unread_must_then_come_in_time(urls: tuple[str, str]) ->
     url = httpx.URL(gateway)
     with socket.create_connection((url.host, url.port), timeout=GUARD_S) as sock:
         sock.sendall(b"POST /health HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{")
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            answer += sock.recv(65536)
-        head, _, body = answer.partition(b"\r\n\r\n")
-        fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
-        while len(body) < int(fields[b"content-length"]):
-            body += sock.recv(65536)
-        assert head.startswith(b"HTTP/1.1 405 "), head  # the whole answer came first
+        status, body = _read_response(sock)
+        assert status.startswith(b"HTTP/1.1 405 "), status  # the whole answer came first
         assert json.loads(body)["error"]["code"], body
         closed, deadline = False, time.monotonic() + GUARD_S
         while not closed and time.monotonic() < deadline:

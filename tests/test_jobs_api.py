@@ -29,7 +29,7 @@ from core.gateway.state import GatewayState
 from core.scheduling.eta import DurationModel, EtaSettings
 from core.scheduling.pool import Pool
 from tests.duplex_client import free_port, stop, wait_healthy
-from tests.services import cluster, start_gateway, start_worker, wait_until_served, write_config
+from tests.services import cluster, start_gateway, start_worker, until, wait_until_served, write_config
 
 pytestmark = pytest.mark.slow
 MAX_UPLOAD_MB = 0.25
@@ -227,16 +227,6 @@ def test_a_gateway_restart_loses_no_job(tmp_path: Path) -> None:
 TRANSCRIPT = {"text": "hello there", "language": "en", "duration_s": 0.2, "segments": []}
 
 
-async def _until(check: Any, what: str, timeout: float = 10.0) -> None:
-    """Poll ``check`` (bounded, yielding to the loop between tries) until it is truthy."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 @pytest.mark.parametrize("refusal", ["unreachable", "loading"])
 async def test_a_job_whose_worker_refuses_it_reads_queued_until_it_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
@@ -275,7 +265,7 @@ async def test_a_job_whose_worker_refuses_it_reads_queued_until_it_restarts(
         files = {"file": ("talk.wav", tone_wav(0.2), "audio/wav")}
         task = (await api.post("/api/v1/asr/submit", files=files)).json()["task_id"]
         # The worker took it, refused it (or was gone), and the ticket is back at the head of the queue.
-        await _until(lambda: calls and pool.queue_length == 1, "the ticket handed back")
+        await until(lambda: calls and pool.queue_length == 1, "the ticket handed back")
         waiting = (await api.get(f"/api/v1/asr/result/{task}")).json()
         assert waiting["status"] == "queued", waiting
         assert waiting["position"] == 1
@@ -288,7 +278,7 @@ async def test_a_job_whose_worker_refuses_it_reads_queued_until_it_restarts(
         ] == [task]
 
         pool.mark_health(pool.workers[0], "idle")  # back: the job starts again and is served
-        await _until(lambda: finishes, "the transcript stored")
+        await until(lambda: finishes, "the transcript stored")
         done = (await api.get(f"/api/v1/asr/result/{task}")).json()
         assert (done["status"], done["text"]) == ("done", "hello there")
         assert calls == ["/v1/transcribe", "/v1/transcribe"] and finishes == [task]

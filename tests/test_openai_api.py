@@ -10,7 +10,7 @@ import asyncio
 import io
 import json
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -20,7 +20,7 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 
 from core.api.openai_compat import to_srt, to_verbose, to_vtt
-from tests.services import cluster
+from tests.services import cluster, until
 from tests.test_jobs_api import tone_wav
 
 pytestmark = pytest.mark.slow
@@ -133,16 +133,6 @@ def test_streamed_chat_completion(client: openai.OpenAI) -> None:
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
 
 
-async def _until(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Poll ``check`` (bounded, yielding to the loop between tries) until it is truthy."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 def _queued(base: str) -> int:
     return int(httpx.get(f"{base}/api/queue", timeout=5).json()["queued"])
 
@@ -170,14 +160,14 @@ async def test_a_streaming_chat_client_that_leaves_while_queued_gives_up_its_pla
             + payload
         )
         await leaver.drain()
-        await _until(lambda: _queued(base) == 1, "the leaver queued")
+        await until(lambda: _queued(base) == 1, "the leaver queued")
         async with httpx.AsyncClient(timeout=30) as client:
             stayer = asyncio.create_task(client.post(f"{base}/v1/chat/completions", json=chat))
             try:
-                await _until(lambda: _queued(base) == 2, "the stayer queued behind it")
+                await until(lambda: _queued(base) == 2, "the stayer queued behind it")
                 leaver.close()
                 await leaver.wait_closed()
-                await _until(lambda: _queued(base) == 1, "the leaver's ticket withdrawn")
+                await until(lambda: _queued(base) == 1, "the leaver's ticket withdrawn")
                 assert _cancelled(base) == cancelled + 1
                 await session.close()  # the worker frees: the stayer, now first, takes it
                 reply = await asyncio.wait_for(stayer, 30)

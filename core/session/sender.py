@@ -78,8 +78,7 @@ class Outbox:
         self.available = asyncio.Event()  # anything new
         self._space = asyncio.Event()
         self._space.set()
-        self._control_room = asyncio.Event()
-        self._control_room.set()
+        self._control_room = asyncio.Event()  # set by pop_control below the backlog; cleared by its waiter
         self._held_generation: int | None = None  # the generation whose items wait for release
 
     def hold(self, generation: int | None) -> None:
@@ -101,8 +100,6 @@ class Outbox:
     def control(self, text: str, *, reset_playhead: bool = False) -> None:
         """Queue a control event (sent before any reply item; never dropped)."""
         self._control.append(_Item(None, text=text, reset_playhead=reset_playhead))
-        if len(self._control) >= CONTROL_BACKLOG:
-            self._control_room.clear()
         self._wake(urgent=True)
 
     async def control_room(self) -> None:
